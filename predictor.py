@@ -1,0 +1,72 @@
+"""
+Autoregressive predictor AR: a Q-Former style cross-attention stack (NExT-Vid Sec. 3.2, Table 7).
+
+For every token position of slots 1..T-1 (the "next frames") a query asks the encoder's
+context what that position will look like, and answers with a latent z_t that is aligned to
+the reference encoder's features c'_t (L_align) and conditions the decoder (L_flow).
+
+- One zero-initialised query vector is shared by every target position [Table 7]; the
+  positions differ only through 3D RoPE.
+- The context c (encoder output) goes through LayerNorm -> Linear to the predictor width
+  once, and is then used only as keys and values: the predictor never updates it
+  ("context isolation"). There is no self-attention among queries.
+- Autoregressive pattern: a query of slot t sees context tokens of slots < t only.
+- Output: LayerNorm -> Linear back to the encoder width.
+
+At enc_dim 1024 (ViT-L) it has about 22.1M parameters:
+    python -c "from predictor import Predictor; print(Predictor(1024).num_params())"
+"""
+import torch
+import torch.nn as nn
+
+from encoder import MLP, Attention, init_weights, positions
+from masks import Pattern, slot_counts
+
+
+class CrossBlock(nn.Module):
+    """q = q + CrossAttn(LN(q), context), then q = q + MLP(LN(q))."""
+
+    def __init__(self, dim, heads, mlp_ratio):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, mlp_ratio)
+
+    def forward(self, query, query_pos, context, context_pos, pattern):
+        query = query + self.attn(self.norm1(query), query_pos, pattern, context, context_pos)
+        return query + self.mlp(self.norm2(query))
+
+
+class Predictor(nn.Module):
+
+    def __init__(self, enc_dim, dim=384, depth=12, heads=12, mlp_ratio=4.0):
+        super().__init__()
+        self.context_norm = nn.LayerNorm(enc_dim)
+        self.context_proj = nn.Linear(enc_dim, dim)
+        self.query = nn.Parameter(torch.zeros(dim))  # zero init, shared by all targets
+        self.blocks = nn.ModuleList([CrossBlock(dim, heads, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, enc_dim)
+        self.attn_impl = 'auto'
+        self.apply(init_weights)
+
+    def forward(self, context, keep, grid):
+        """context (B, K, enc_dim) for the kept tokens `keep` (B, K) (None: all N tokens) of a
+        (T, h, w) grid. Returns z (B, (T-1)*h*w, enc_dim): slots 1..T-1, slot-major."""
+        T, h, w = grid
+        S = h * w
+        B = context.shape[0]
+        context = self.context_proj(self.context_norm(context))  # (B, K, dim), used as key/value only
+        context_pos = positions(grid).to(context.device)  # (N, 3)
+        if keep is not None:
+            context_pos = context_pos[keep]  # (B, K, 3)
+        query_pos = positions(grid)[S:].to(context.device)  # (L, 3), L = (T-1)*S targets
+        query = self.query.expand(B, len(query_pos), -1)  # (B, L, dim)
+        pattern = Pattern('autoregressive', (0,) + (S,) * (T - 1), slot_counts(keep, grid), self.attn_impl)
+        for block in self.blocks:
+            query = block(query, query_pos, context, context_pos, pattern)
+        return self.out(self.norm(query))  # (B, L, enc_dim)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
