@@ -1,0 +1,407 @@
+"""
+Pretrain NExT-Vid: masked, autoregressive next-frame prediction (arXiv 2512.21004, Eq. 9, Table 8).
+
+    python train.py                               # tiny model on built-in synthetic clips, CPU, minutes
+    python train.py --resume                      # continue out/ckpt.pt exactly where it stopped
+    python train.py --size s --data clips.txt --out_dir out_s
+    torchrun --nproc_per_node=8 train.py --size g --grad_checkpointing --compile \\
+        --data k400.txt:0.18,ssv2.txt:0.05,imagenet/train:0.25 --out_dir out_g
+
+One step: the EMA reference encoder reads the whole clip once and gives layer-normed targets;
+for each mask generator the encoder reads its copy of the masked clip, the predictor turns the
+context into a latent z_t for every token of slots 1..T-1 (aligned to the targets), and the
+decoder learns, by flow matching, to generate slot t from z_t, with tau_repeats draws of noise
+and time per clip. L = 0.5 * L_flow + 1.0 * L_align.
+"""
+import argparse
+import json
+import math
+import os
+import time
+import warnings
+from contextlib import nullcontext
+from copy import deepcopy
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import repeat
+from PIL import Image, ImageDraw
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from data import make_dataset
+from decoder import Decoder, patchify
+from encoder import SIZES, Encoder
+from masks import sample_keep
+from predictor import Predictor
+
+# Defaults per size. l/h/g follow SPEC's recipe [Table 8]; tiny, s and b are decided here.
+RECIPE = {
+    'tiny': dict(steps=600, batch_size=16, micro_batch_size=16, lr=5e-4, decoder_lr=8e-4, frames=8,
+                 resolution=64, tau_repeats=2, ema=0.99925, masks='8x0.15,2x0.7', cooldown_frames=16,
+                 predictor=dict(dim=192, depth=4, heads=3), decoder=dict(dim=192, depth=4, heads=3)),
+    's': dict(steps=20000, batch_size=256, micro_batch_size=32, lr=5e-4, decoder_lr=8e-4, frames=16,
+              resolution=128, tau_repeats=4, ema=0.99925, masks='8x0.15,2x0.7', cooldown_frames=32,
+              predictor=dict(dim=384, depth=6, heads=6), decoder=dict(dim=384, depth=6, heads=6)),
+    'b': dict(steps=60000, batch_size=1024, micro_batch_size=32, lr=5e-4, decoder_lr=8e-4, frames=16,
+              resolution=256, tau_repeats=4, ema=0.99925, masks='8x0.15,2x0.7', cooldown_frames=64,
+              predictor=dict(dim=384, depth=12, heads=12), decoder=dict(dim=384, depth=12, heads=12)),
+}
+for _name in ('l', 'h', 'g'):
+    RECIPE[_name] = dict(steps=132000, batch_size=3072, micro_batch_size=16, lr=5e-4, decoder_lr=8e-4, frames=16,
+                         resolution=256, tau_repeats=4, ema=0.99925, masks='8x0.15,2x0.7', cooldown_frames=64,
+                         predictor=dict(dim=384, depth=12, heads=12), decoder=dict(dim=384, depth=12, heads=12))
+
+# The four stages of Table 8 as shares of the run (12K, 28K, 80K, 12K of 132K steps):
+# (name, share, lr from and to as multiples of --lr, decoder lr as a multiple of --decoder_lr
+#  or None = same as the main lr, tau repeats used, longer cool-down clips)
+STAGES = [
+    ('warmup', 12, 0.2, 1.0, None, True, False),    # 1e-4 -> 5e-4
+    ('stable1', 28, 1.0, 0.9, None, True, False),   # 5e-4 -> 4.5e-4
+    ('stable2', 80, 0.9, 0.2, 1.0, False, False),   # 4.5e-4 -> 1e-4, decoder 8e-4 fixed
+    ('cooldown', 12, 0.2, 0.002, 0.375, False, True),  # 1e-4 -> 1e-6, decoder 3e-4 fixed
+]
+RUNTIME_FLAGS = {'resume', 'stop_at', 'num_workers', 'log_every', 'save_every', 'device', 'compile', 'out_dir'}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--size', choices=list(SIZES), default='tiny')
+    p.add_argument('--data', default='synthetic', help="synthetic | list.txt | videos/ | images/ | mix 'a.txt:0.7,imgs/:0.3'")
+    p.add_argument('--out_dir', default='out')
+    p.add_argument('--steps', type=int, help='optimizer steps; the four stages of Table 8 keep their proportions')
+    p.add_argument('--batch_size', type=int, help='global batch in clips (all ranks, all accumulation steps)')
+    p.add_argument('--micro_batch_size', type=int, help='clips per rank per forward; accumulation is derived')
+    p.add_argument('--lr', type=float, help='peak lr; warm-up starts at 0.2x, cool-down ends at 0.002x (Table 8)')
+    p.add_argument('--decoder_lr', type=float, help='decoder lr in stable 2; 0.375x of it in the cool-down')
+    p.add_argument('--frames', type=int, help='frames per clip (2 per slot)')
+    p.add_argument('--cooldown_frames', type=int, help='frames per clip in the cool-down; the batch shrinks by the '
+                   'same factor (paper: 16 -> 64 frames, 3072 -> 768 clips; tiny and s: 2x the frames)')
+    p.add_argument('--resolution', type=int)
+    p.add_argument('--fps', type=float, default=4.0, help='frame rate sampled from videos')
+    p.add_argument('--target', choices=['pixel'], default='pixel')
+    p.add_argument('--masks', help="mask generators as blocks x scale, e.g. '8x0.15,2x0.7' (Table 8)")
+    p.add_argument('--no_mask', action='store_true', help='the encoder sees the whole clip (Table 4 ablation)')
+    p.add_argument('--tau_repeats', type=int, help='noise/time draws per clip in the first two stages, then 1')
+    p.add_argument('--ema', type=float, help='momentum of the reference encoder; 0 = the online encoder itself')
+    p.add_argument('--dtype', choices=['fp32', 'bf16'], help='autocast precision (default: bf16 on GPU, fp32 on CPU)')
+    p.add_argument('--compile', action='store_true', help='torch.compile every transformer block')
+    p.add_argument('--grad_checkpointing', action='store_true', help='recompute encoder blocks in backward')
+    p.add_argument('--resume', action='store_true', help='continue from out_dir/ckpt.pt with its recipe')
+    p.add_argument('--stop_at', type=int, help='save and stop at this step (split a run over jobs; --resume continues)')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--num_workers', type=int, help='data loader processes per rank (default: 0 on CPU, 8 on GPU)')
+    p.add_argument('--log_every', type=int, default=10)
+    p.add_argument('--save_every', type=int, default=200)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    args = p.parse_args(argv)
+    given = {k for k, v in vars(args).items() if v not in (None, False)}
+    for key, value in RECIPE[args.size].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args, given
+
+
+# -----------------------------------------------------------------------------
+# the objective
+
+
+class NextVid(nn.Module):
+    """The three trained pieces and the objective: returns (L_flow, L_align) for a batch."""
+
+    def __init__(self, encoder, predictor, decoder):
+        super().__init__()
+        self.encoder, self.predictor, self.decoder = encoder, predictor, decoder
+
+    def forward(self, video, target, keeps, tau_repeats):
+        """video (B, 3, F, H, W); target (B, N, D) reference features; keeps: one (B, K) index
+        tensor per mask generator (None = unmasked)."""
+        T, h, w = grid = self.encoder.grid(video)
+        S = h * w
+        z = torch.cat([self.predictor(self.encoder(video, keep), keep, grid) for keep in keeps])  # (G*B, L, D)
+        align = F.mse_loss(z.float(), target[:, S:].repeat(len(keeps), 1, 1))
+        # flow matching, tau_repeats fresh (noise, tau) per decoder input (MAR's trick)
+        x1 = patchify(video, self.encoder.patch, self.encoder.tubelet)[:, S:]  # (B, L, P) slots 1..T-1
+        x1 = x1.repeat(len(keeps) * tau_repeats, 1, 1)  # (R*G*B, L, P)
+        z = z.repeat(tau_repeats, 1, 1)
+        x0 = torch.randn_like(x1)
+        tau = torch.rand(x1.shape[0], T - 1, device=x1.device)  # one per sample, slot and repeat
+        tau_token = repeat(tau, 'b n -> b (n s) 1', s=S)
+        x_tau = (1 - tau_token) * x0 + tau_token * x1
+        flow = F.mse_loss(self.decoder(x_tau, z, tau, (T - 1, h, w)).float(), x1 - x0)
+        return flow, align
+
+
+def schedule(step, args):
+    """Stage, learning rates and tau repeats at `step` of the four-stage recipe."""
+    total = sum(s[1] for s in STAGES)
+    end = 0
+    for name, share, lr_from, lr_to, decoder, repeats, long_clips in STAGES:
+        start, end = end, end + share * args.steps / total
+        if step < end or name == 'cooldown':
+            frac = min(max((step - start) / max(end - start, 1), 0.0), 1.0)
+            lr = args.lr * (lr_from + (lr_to - lr_from) * frac)
+            return dict(stage=name, lr=lr, decoder_lr=lr if decoder is None else decoder * args.decoder_lr,
+                        tau_repeats=args.tau_repeats if repeats else 1, long_clips=long_clips,
+                        start=math.ceil(start))
+
+
+def parse_masks(spec):
+    try:
+        return [(int(b), float(s)) for b, s in (g.split('x') for g in spec.split(','))]
+    except ValueError:
+        raise SystemExit(f"--masks {spec!r}: expected blocks x scale pairs, e.g. '8x0.15,2x0.7'")
+
+
+def effective_rank(features):
+    """exp(entropy) of the normalised singular values of centred (n, D) features."""
+    s = torch.linalg.svdvals(features.float() - features.float().mean(0))
+    p = s / s.sum()
+    return math.exp(-(p * torch.log(p.clamp_min(1e-12))).sum().item())
+
+
+# -----------------------------------------------------------------------------
+# data order: every sample has a global number, so ranks split the data and resume is exact
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Dataset indices for steps [first, last) on one rank: for step s the global batch is
+    samples offset + (s - first)*batch .. + batch, and rank r reads its contiguous share."""
+
+    def __init__(self, first, last, offset, batch, rank, world):
+        self.first, self.last, self.offset, self.batch, self.rank, self.world = first, last, offset, batch, rank, world
+
+    def __iter__(self):
+        share = self.batch // self.world
+        for s in range(self.first, self.last):
+            base = self.offset + (s - self.first) * self.batch + self.rank * share
+            yield from range(base, base + share)
+
+    def __len__(self):
+        return (self.last - self.first) * (self.batch // self.world)
+
+
+def make_loader(args, frames, batch, micro, first, last, offset, rank, world):
+    dataset = make_dataset(args.data, frames=frames, resolution=args.resolution, fps=args.fps, train=True, seed=args.seed)
+    sampler = StepSampler(first, last, offset, batch, rank, world)
+    return torch.utils.data.DataLoader(dataset, batch_size=micro, sampler=sampler, num_workers=args.num_workers,
+                                       pin_memory=args.device.startswith('cuda'), persistent_workers=False)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints, log and plot
+
+
+def save_checkpoint(path, model, ema, optimizer, step, args):
+    """Raw modules (never the DDP wrapper), optimizer, step and recipe. The RNG state is
+    (seed, step): train() reseeds from them at every step, on every rank."""
+    state = dict(encoder=model.encoder.state_dict(), ema_encoder=ema.state_dict(), predictor=model.predictor.state_dict(),
+                 decoder=model.decoder.state_dict(), optimizer=optimizer.state_dict(), step=step, args=vars(args),
+                 encoder_config=dict(SIZES[args.size]))
+    torch.save(state, path + '.tmp')
+    os.replace(path + '.tmp', path)  # atomic: a crash never leaves half a checkpoint
+
+
+def plot_losses(log_path, png_path, width=640, height=360, margin=40):
+    """A loss curve (total, flow, align against step) drawn with pillow."""
+    rows = [r for r in map(json.loads, open(log_path)) if 'loss' in r]
+    if len(rows) < 2:
+        return
+    image = Image.new('RGB', (width, height), 'white')
+    draw = ImageDraw.Draw(image)
+    steps = [r['step'] for r in rows]
+    top = max(max(r['loss'], r['flow'], r['align']) for r in rows)
+    x = lambda s: margin + (s - steps[0]) / max(steps[-1] - steps[0], 1) * (width - 2 * margin)
+    y = lambda v: height - margin - v / top * (height - 2 * margin)
+    draw.rectangle([margin, margin, width - margin, height - margin], outline='gray')
+    for i, (key, colour) in enumerate([('loss', 'black'), ('flow', 'blue'), ('align', 'red')]):
+        draw.line([(x(r['step']), y(r[key])) for r in rows], fill=colour, width=2)
+        draw.text((width - margin - 60, margin + 5 + 12 * i), key, fill=colour)
+    draw.text((margin, height - margin + 8), f"step {steps[0]}", fill='black')
+    draw.text((width - margin - 70, height - margin + 8), f"step {steps[-1]}", fill='black')
+    draw.text((margin + 4, margin + 4), f"{top:.3f}", fill='black')
+    image.save(png_path)
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def setup_distributed(args):
+    """DDP from torchrun's environment: nccl on CUDA, gloo on CPU. Returns (rank, world)."""
+    if int(os.environ.get('RANK', -1)) == -1:
+        return 0, 1
+    rank, world, local = int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ['LOCAL_RANK'])
+    if args.device.startswith('cuda'):
+        args.device = f'cuda:{local}'
+        torch.cuda.set_device(args.device)
+    dist.init_process_group('nccl' if args.device.startswith('cuda') else 'gloo')
+    return rank, world
+
+
+def load_resume(args, given):
+    """The checkpoint to continue; its recipe wins, and a flag that would change it is an error."""
+    path = os.path.join(args.out_dir, 'ckpt.pt')
+    if not os.path.exists(path):
+        raise SystemExit(f"--resume: no checkpoint at {path}")
+    checkpoint = torch.load(path, map_location='cpu', weights_only=False)
+    for key, value in checkpoint['args'].items():
+        if key in RUNTIME_FLAGS:
+            continue
+        if key in given and getattr(args, key) != value:
+            raise SystemExit(f"--{key} {getattr(args, key)} differs from the checkpoint's {value}: a resumed run keeps its recipe")
+        setattr(args, key, value)
+    return checkpoint
+
+
+def param_groups(model):
+    """Weight decay 0.04 on matrices; none on norms, biases and the query token (all 1-D)."""
+    groups = []
+    for name, modules in [('main', [model.encoder, model.predictor]), ('decoder', [model.decoder])]:
+        params = [p for m in modules for p in m.parameters()]
+        groups.append(dict(params=[p for p in params if p.ndim >= 2], weight_decay=0.04, name=name))
+        groups.append(dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0, name=name))
+    return groups
+
+
+def phases(args, world):
+    """(first step, last step, frames, global batch, micro batch) before and in the cool-down."""
+    factor = args.cooldown_frames / args.frames
+    cool = (args.cooldown_frames, int(args.batch_size / factor), max(1, int(args.micro_batch_size / factor)))
+    result = []
+    for frames, batch, micro in [(args.frames, args.batch_size, args.micro_batch_size), cool]:
+        if batch < 1 or batch % (micro * world):
+            raise SystemExit(f"batch of {batch} clips does not divide into micro-batches of {micro} on {world} "
+                             f"rank(s) (frames {frames}); choose --batch_size a multiple of micro_batch_size x ranks")
+        result.append([frames, batch, micro])
+    cooldown_start = schedule(args.steps - 1, args)['start']
+    return [(0, cooldown_start, *result[0]), (cooldown_start, args.steps, *result[1])]
+
+
+def train(argv=None):
+    args, given = get_args(argv)
+    rank, world = setup_distributed(args)
+    master = rank == 0
+    checkpoint = load_resume(args, given) if args.resume else None
+    if args.num_workers is None:
+        args.num_workers = 8 if args.device.startswith('cuda') else 0
+    args.dtype = args.dtype or ('bf16' if args.device.startswith('cuda') else 'fp32')
+    masks = parse_masks(args.masks)
+    plan = phases(args, world)
+    device = torch.device(args.device)
+    autocast = torch.autocast(device.type, torch.bfloat16) if args.dtype == 'bf16' else nullcontext()
+
+    torch.manual_seed(args.seed)
+    encoder = Encoder(**SIZES[args.size])
+    predictor = Predictor(encoder.dim, **args.predictor)
+    decoder = Decoder(encoder.dim, encoder.tubelet * encoder.patch ** 2 * 3, **args.decoder)
+    model = NextVid(encoder, predictor, decoder).to(device)
+    ema = deepcopy(encoder).eval().requires_grad_(False)  # the reference encoder, synced at start
+    optimizer = torch.optim.AdamW(param_groups(model), lr=args.lr, betas=(0.9, 0.95), fused=device.type == 'cuda')
+    start = 0
+    if checkpoint:
+        for name in ('encoder', 'predictor', 'decoder'):
+            getattr(model, name).load_state_dict(checkpoint[name])
+        ema.load_state_dict(checkpoint['ema_encoder'])
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        start = checkpoint['step']
+        del checkpoint
+    encoder.grad_checkpointing = args.grad_checkpointing
+    if args.compile:
+        for block in [*encoder.blocks, *predictor.blocks, *decoder.blocks, *ema.blocks]:
+            block.compile()  # in place: state_dict keys stay those of the raw modules
+    trained = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None) if world > 1 else model
+    ema_params, online_params = list(ema.parameters()), list(encoder.parameters())
+
+    end = min(args.steps, args.stop_at or args.steps)
+    ckpt_path, log_path = os.path.join(args.out_dir, 'ckpt.pt'), os.path.join(args.out_dir, 'log.jsonl')
+    if master:
+        os.makedirs(args.out_dir, exist_ok=True)
+        print(f"encoder {args.size}: {encoder.num_params() / 1e6:.1f}M, predictor {predictor.num_params() / 1e6:.1f}M, "
+              f"decoder {decoder.num_params() / 1e6:.1f}M | {world} rank(s) on {device}, {args.dtype} | "
+              f"steps {start} -> {end} of {args.steps}")
+        fixed = make_dataset(args.data, frames=args.frames, resolution=args.resolution, fps=args.fps, train=False, seed=args.seed + 1)
+        fixed = torch.stack([fixed[i][0] for i in range(32)])  # a fixed batch for the effective rank
+
+    bar = tqdm(total=end, initial=start, disable=not master, dynamic_ncols=True)
+    failures, clock, clips = 0, time.time(), 0
+    for first, last, frames, batch, micro in plan:
+        if max(first, start) >= min(last, end):
+            continue
+        samples_before = plan[0][3] * min(start, plan[1][0]) + plan[1][3] * max(start - plan[1][0], 0)
+        loader = iter(make_loader(args, frames, batch, micro, max(first, start), min(last, end), samples_before, rank, world))
+        accum = batch // (micro * world)
+        for step in range(max(first, start), min(last, end)):
+            now = schedule(step, args)
+            for group in optimizer.param_groups:
+                group['lr'] = now['decoder_lr'] if group['name'] == 'decoder' else now['lr']
+            # RNG state is a function of (seed, step, rank), so a resumed run draws what an uninterrupted one would
+            torch.manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
+            mask_rng = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + rank + 1)
+            flow_sum = align_sum = 0.0
+            for micro_step in range(accum):
+                video = next(loader)[0].to(device, non_blocking=True)  # (b, 3, F, H, W)
+                with torch.no_grad(), autocast:
+                    target = ema(video).float()
+                    target = F.layer_norm(target, target.shape[-1:])  # (b, N, D), parameter-free
+                grid = encoder.grid(video)
+                keeps = [None] if args.no_mask else [sample_keep(len(video), grid, n, s, generator=mask_rng).to(device)
+                                                     for n, s in masks]
+                sync = world == 1 or micro_step == accum - 1
+                with (nullcontext() if sync else trained.no_sync()), autocast:
+                    flow, align = trained(video, target, keeps, now['tau_repeats'])
+                    loss = (0.5 * flow + 1.0 * align) / accum
+                loss.backward()
+                flow_sum, align_sum = flow_sum + flow.detach() / accum, align_sum + align.detach() / accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            if not torch.isfinite(grad_norm):  # NaN or inf: the same on every rank, grads are all-reduced
+                optimizer.zero_grad(set_to_none=True)
+                failures += 1
+                warnings.warn(f"step {step}: non-finite loss or gradient, step skipped ({failures} in a row)")
+                if failures >= 3:
+                    raise RuntimeError(f"{failures} non-finite steps in a row at step {step}: lower --lr or check the data")
+                continue
+            failures = 0
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                torch._foreach_lerp_(ema_params, online_params, 1 - args.ema)
+            clips += batch
+            bar.update(1)
+
+            done = step + 1
+            if done % args.log_every == 0 or done == end:
+                metrics = torch.stack([flow_sum, align_sum])
+                if world > 1:
+                    dist.all_reduce(metrics, op=dist.ReduceOp.AVG)
+                flow_v, align_v = metrics.tolist()
+                speed, clock, clips = clips / (time.time() - clock), time.time(), 0
+                row = dict(step=done, stage=now['stage'], loss=0.5 * flow_v + align_v, flow=flow_v, align=align_v,
+                           lr=now['lr'], decoder_lr=now['decoder_lr'], grad_norm=grad_norm.item(), clips_per_s=speed)
+                if master:
+                    bar.write(' | '.join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+                    with open(log_path, 'a') as f:
+                        f.write(json.dumps(row) + '\n')
+            if master and (done % args.save_every == 0 or done == end):
+                with torch.no_grad(), autocast:
+                    features = torch.cat([ema(chunk.to(device)).mean(1) for chunk in fixed.split(micro)])
+                rank_now = effective_rank(features)
+                bar.write(f"step {done} | effective rank of reference features {rank_now:.2f} | saved {ckpt_path}")
+                with open(log_path, 'a') as f:
+                    f.write(json.dumps(dict(step=done, effective_rank=rank_now)) + '\n')
+                save_checkpoint(ckpt_path, model, ema, optimizer, done, args)
+    bar.close()
+    if master:
+        if end < args.steps:
+            print(f"stopped at step {end} of {args.steps}; continue with: python train.py --resume --out_dir {args.out_dir}")
+        else:
+            plot_losses(log_path, os.path.join(args.out_dir, 'loss.png'))
+            print(f"done: {args.steps} steps; checkpoint {ckpt_path}, log {log_path}, curve {args.out_dir}/loss.png")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    train()
