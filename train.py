@@ -330,10 +330,11 @@ def train(argv=None):
     for first, last, frames, batch, micro in plan:
         if max(first, start) >= min(last, end):
             continue
-        samples_before = plan[0][3] * min(start, plan[1][0]) + plan[1][3] * max(start - plan[1][0], 0)
-        loader = iter(make_loader(args, frames, batch, micro, max(first, start), min(last, end), samples_before, rank, world))
+        begin = max(first, start)
+        samples_before = plan[0][3] * min(begin, plan[1][0]) + plan[1][3] * max(begin - plan[1][0], 0)
+        loader = iter(make_loader(args, frames, batch, micro, begin, min(last, end), samples_before, rank, world))
         accum = batch // (micro * world)
-        for step in range(max(first, start), min(last, end)):
+        for step in range(begin, min(last, end)):
             now = schedule(step, args)
             for group in optimizer.param_groups:
                 group['lr'] = now['decoder_lr'] if group['name'] == 'decoder' else now['lr']

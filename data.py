@@ -1,0 +1,376 @@
+"""Video and image clips for NExT-Vid: every data source as one deterministic, endless stream.
+
+A clip is a float32 tensor (3, F, H, W) with pixels in [-1, 1] (x / 127.5 - 1), H = W = resolution.
+make_dataset(spec, ...) turns a --data string into a torch Dataset whose item i (any i >= 0,
+also past len()) is a pure function of (seed, i): a resumed run sees exactly the same data, and
+DDP ranks see different data as long as they read different indices.
+
+train.py draws (3, F, H, W) training clips from make_dataset(args.data, train=True, ...);
+probe.py asks for segments x views and gets (views, segments, 3, F, H, W) clips, and reads
+`dataset.num_classes`; sample.py loads one clip with load_video_clip / load_image_clip.
+"""
+import itertools
+import re
+import warnings
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+from einops import rearrange
+from PIL import Image
+from torch.nn.functional import interpolate
+from torch.utils.data import Dataset
+
+SHAPE_NAMES = ('disc', 'square', 'triangle', 'cross', 'ring', 'diamond', 'bar', 'star')
+SHAPES = len(SHAPE_NAMES)
+DIRECTIONS = 8  # direction d moves at d * 45 degrees counter-clockwise from "right": 2 = up, 6 = down
+VIDEO_SUFFIXES = {'.mp4', '.avi', '.mkv', '.webm', '.mov', '.m4v', '.mpg', '.mpeg', '.flv', '.wmv'}
+IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff'}
+CROP_SCALE, CROP_ASPECT = (0.3, 1.0), (3 / 4, 4 / 3)  # training random resized crop
+# Each purpose draws from its own stream, np.random.default_rng([seed, STREAM, ...]), so that no
+# two purposes share random numbers (numpy pads seeds with zeros: [s, i] equals [s, i, 0]).
+ITEM_STREAM, ORDER_STREAM, MIX_STREAM = 1, 2, 3
+SPEC_HELP = """--data takes one of these forms:
+  synthetic                           built-in moving textured shapes, nothing to download
+  k400/train.txt                      a list of "path label" lines, e.g. "videos/abc.mp4 3"
+                                      (paths relative to the list's folder, or absolute)
+  videos/                             a folder of videos, unlabeled
+  imagenet/train                      a folder of class subfolders of images
+  k400.txt:0.7,imagenet/train:0.3     sources mixed by weight (source:weight, comma separated)"""
+
+
+class UnreadableFile(ValueError):
+    """A video or image file that exists but cannot be decoded."""
+
+
+def read_video(path, frames, fps, places):
+    """Decode len(places) clips of `frames` frames at `fps` from one video: uint8 (clips, F, h, w, 3).
+    Each place in [0, 1] puts its clip in the video (0: at the start, 0.5: centred, 1: at the end).
+    Frames are decoded in order up to the last one needed; frames past the end repeat the final one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'no such video: {path}')
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise UnreadableFile(f'{path} has no video stream')
+            stream = container.streams.video[0]
+            source_fps = float(stream.average_rate or 30)
+            step = max(source_fps / fps, 1.0)  # source frames between two sampled frames
+            span = round((frames - 1) * step) + 1  # source frames one clip covers
+            length = stream.frames or max(1, round((container.duration or 0) / av.time_base * source_fps))
+            starts = np.round(np.asarray(places) * max(length - span, 0))
+            wanted = (starts[:, None] + np.round(np.arange(frames) * step)).astype(int)  # (clips, F)
+            needed, last, frame, decoded = set(wanted.flat), wanted.max(), None, {}  # index -> (h, w, 3)
+            for index, frame in enumerate(container.decode(stream)):
+                if index in needed:
+                    decoded[index] = frame.to_ndarray(format='rgb24')
+                if index == last:
+                    break
+            else:  # the video ended before the last needed frame: those repeat its final frame
+                if frame is None:
+                    raise UnreadableFile(f'{path} has no frames')
+                decoded[index] = frame.to_ndarray(format='rgb24')
+    except av.FFmpegError as error:
+        raise UnreadableFile(f'cannot decode {path}: {error}') from error
+    final = max(decoded)
+    pictures = np.stack([decoded[min(index, final)] for index in wanted.flat])
+    return rearrange(pictures, '(s f) h w c -> s f h w c', s=len(places))
+
+
+def read_image(path):
+    """One RGB picture: uint8 (h, w, 3)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'no such image: {path}')
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert('RGB'))
+    except OSError as error:
+        raise UnreadableFile(f'cannot decode {path}: {error}') from error
+
+
+def resize(pixels, height, width):
+    """uint8 (3, F, h, w) -> float32 (3, F, height, width) in [-1, 1], bilinear with antialiasing."""
+    frames = rearrange(pixels, 'c f h w -> f c h w').float()
+    frames = interpolate(frames, size=(height, width), mode='bilinear', antialias=True, align_corners=False)
+    return (rearrange(frames, 'f c h w -> c f h w') / 127.5 - 1).clamp_(-1, 1)
+
+
+def random_crop_flip(pixels, resolution, rng):
+    """Training view of uint8 (3, F, h, w): one random resized crop for all frames, maybe mirrored."""
+    _, _, h, w = pixels.shape
+    area, aspect = h * w * rng.uniform(*CROP_SCALE), np.exp(rng.uniform(*np.log(CROP_ASPECT)))
+    crop_h = min(h, max(1, round(np.sqrt(area / aspect))))  # clipped to the picture when it does not fit
+    crop_w = min(w, max(1, round(np.sqrt(area * aspect))))
+    top, left = rng.integers(h - crop_h + 1), rng.integers(w - crop_w + 1)
+    clip = resize(pixels[:, :, top:top + crop_h, left:left + crop_w], resolution, resolution)
+    return clip.flip(-1) if rng.random() < 0.5 else clip  # (3, F, R, R)
+
+
+def centre_views(pixels, resolution, views):
+    """Evaluation views of uint8 (3, F, h, w): resize the short side to `resolution`, then take
+    `views` squares along the long side (1: centre; 3: start, centre, end, as V-JEPA).
+    Returns (views, 3, F, R, R)."""
+    _, _, h, w = pixels.shape
+    scale = resolution / min(h, w)
+    clip = resize(pixels, max(resolution, round(h * scale)), max(resolution, round(w * scale)))
+    spare_h, spare_w = clip.shape[2] - resolution, clip.shape[3] - resolution  # one of them is 0
+    places = [0.5] if views == 1 else np.linspace(0, 1, views)
+    corners = [(round(place * spare_h), round(place * spare_w)) for place in places]
+    return torch.stack([clip[:, :, top:top + resolution, left:left + resolution] for top, left in corners])
+
+
+def arrange(clips, frames, segments, views):
+    """(v, s, 3, f, R, R), where images have f = 1 and copied views v = 1, -> (views, segments,
+    3, frames, R, R); or (3, frames, R, R) when neither segments nor views was asked for."""
+    clips = clips.expand(views or 1, segments or 1, 3, frames, *clips.shape[-2:])
+    return (clips[0, 0] if segments is None and views is None else clips).contiguous()
+
+
+def load_video_clip(path, frames, fps, resolution):
+    """The centred evaluation clip of a video file: (3, F, R, R) in [-1, 1]."""
+    pixels = read_video(path, frames, fps, [0.5])
+    return centre_views(rearrange(torch.from_numpy(pixels[0]), 'f h w c -> c f h w'), resolution, 1)[0]
+
+
+def load_image_clip(path, frames, resolution):
+    """A still picture as a frame-invariant clip (centre crop repeated F times): (3, F, R, R)."""
+    pixels = rearrange(torch.from_numpy(read_image(path)), 'h w c -> c 1 h w')
+    return centre_views(pixels, resolution, 1)[0].expand(-1, frames, -1, -1).contiguous()
+
+
+def shape_mask(shape, size):
+    """Boolean (size, size) silhouette of shape class `shape` (an index into SHAPE_NAMES)."""
+    v, u = np.mgrid[-1:1:size * 1j, -1:1:size * 1j]  # v grows downwards, u to the right
+    radius, angle = np.hypot(u, v), np.arctan2(-v, u)
+    big, small = np.maximum(abs(u), abs(v)), np.minimum(abs(u), abs(v))
+    masks = {
+        'disc': radius <= 0.9,
+        'square': big <= 0.7,
+        'triangle': (v <= 0.75) & (abs(u) <= (v + 0.85) * 0.55),  # apex up
+        'cross': (small <= 0.28) & (big <= 0.9),
+        'ring': (radius >= 0.5) & (radius <= 0.9),
+        'diamond': abs(u) + abs(v) <= 0.95,
+        'bar': (abs(u) <= 0.95) & (abs(v) <= 0.3),
+        'star': radius <= 0.9 * (0.55 + 0.45 * np.cos(5 * (angle - np.pi / 2))),  # five points, one up
+    }
+    return masks[SHAPE_NAMES[shape]]
+
+
+def object_texture(rng, size):
+    """Stripes, checker or blocky noise in two random colours: float32 (size, size, 3)."""
+    v, u = np.mgrid[0:size, 0:size]
+    period = max(2, round(size * rng.uniform(0.15, 0.3)))
+    kind = rng.integers(3)
+    if kind == 0:  # stripes at a random angle
+        tilt = rng.uniform(0, np.pi)
+        pattern = np.sin(2 * np.pi * (u * np.cos(tilt) + v * np.sin(tilt)) / period) > 0
+    elif kind == 1:  # checker
+        pattern = (u // period + v // period) % 2 == 0
+    else:  # blocky noise
+        cells = rng.random((size // period + 1, size // period + 1))
+        pattern = cells[v // period, u // period] > 0.5
+    first, second = rng.uniform(-1, 1, 3), rng.uniform(-1, 1, 3)
+    return np.where(pattern[..., None], first, second).astype(np.float32)
+
+
+def draw_object(video, rng, shape, angle, scale):
+    """Paint a textured shape moving at `angle` (radians, counter-clockwise from right) into video
+    (frames, R, R, 3), wrapping around the edges."""
+    frames, size = video.shape[:2]
+    width = max(4, round(scale * size))
+    mask = shape_mask(shape, width)[..., None]  # (width, width, 1)
+    texture = object_texture(rng, width)  # (width, width, 3)
+    speed = rng.uniform(1.5, 3.0) * size / 64  # px per frame
+    start, time = rng.uniform(0, size, 2), np.arange(frames)
+    top = np.round(start[0] - speed * np.sin(angle) * time).astype(int)  # image rows grow downwards
+    left = np.round(start[1] + speed * np.cos(angle) * time).astype(int)
+    rows = (top[:, None] + np.arange(width)) % size  # (frames, width), wrapping around
+    cols = (left[:, None] + np.arange(width)) % size
+    where = (time[:, None, None], rows[:, :, None], cols[:, None, :])
+    video[where] = np.where(mask, texture, video[where])
+
+
+class SyntheticClips(Dataset):
+    """Moving textured shapes over a smooth textured background, drawn on the fly with numpy.
+
+    The main object (drawn last, on top) has one of SHAPES shapes and moves in one of DIRECTIONS
+    directions at 1.5-3 px per frame at 64 px (scaled with resolution), wrapping around the edges;
+    `label` picks which of the two an item returns (the pixels do not depend on it). `distractors`
+    smaller objects move in random directions; `camera_motion` pans the background (px per frame
+    at 64 px). No crop, and never a flip (it would change the direction); `fps` does not apply.
+    With segments, one clip of segments * F frames is drawn and cut; views are copies of it."""
+
+    def __init__(self, frames, resolution, seed, label='direction', distractors=2, camera_motion=0.0,
+                 segments=None, views=None):
+        if label not in ('direction', 'shape'):
+            raise ValueError(f"synthetic label must be 'direction' or 'shape', not {label!r}")
+        self.frames, self.resolution, self.seed, self.label = frames, resolution, seed, label
+        self.distractors, self.camera_motion = distractors, camera_motion
+        self.segments, self.views = segments, views
+        self.num_classes = DIRECTIONS if label == 'direction' else SHAPES
+
+    def __len__(self):
+        return 10 ** 9  # endless: every i >= 0 is a different clip
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng([self.seed, ITEM_STREAM, i])
+        video = self.background(rng, self.frames * (self.segments or 1))  # (segments * F, R, R, 3)
+        for _ in range(self.distractors):
+            shape, angle = rng.integers(SHAPES), rng.uniform(0, 2 * np.pi)
+            draw_object(video, rng, shape, angle, scale=rng.uniform(0.15, 0.25))
+        shape, direction = rng.integers(SHAPES), rng.integers(DIRECTIONS)
+        draw_object(video, rng, shape, direction * np.pi / 4, scale=rng.uniform(0.25, 0.35))
+        clips = np.ascontiguousarray(rearrange(video, '(s f) h w c -> 1 s c f h w', f=self.frames))
+        label = direction if self.label == 'direction' else shape
+        return arrange(torch.from_numpy(clips), self.frames, self.segments, self.views), int(label)
+
+    def background(self, rng, frames):
+        """Smooth periodic noise between two random colours, panned by the camera: (frames, R, R, 3)."""
+        size = self.resolution
+        grid = np.arange(size) * (2 * np.pi / size)
+        waves = zip(rng.integers(-4, 5, 4), rng.integers(-4, 5, 4), rng.uniform(0, 2 * np.pi, 4))
+        noise = sum(np.sin(fy * grid[:, None] + fx * grid[None, :] + phase) for fy, fx, phase in waves)
+        noise = (noise - noise.min()) / (noise.max() - noise.min() + 1e-6)
+        dark, light = rng.uniform(-1, 1, 3), rng.uniform(-1, 1, 3)
+        image = np.tile(dark + (light - dark) * noise[..., None], (2, 2, 1)).astype(np.float32)  # (2R, 2R, 3)
+        pan, angle = self.camera_motion * size / 64 * np.arange(frames), rng.uniform(0, 2 * np.pi)
+        shifts = np.round(pan[:, None] * [np.sin(angle), np.cos(angle)]).astype(int) % size  # (frames, 2)
+        return np.stack([image[dy:dy + size, dx:dx + size] for dy, dx in shifts])
+
+
+class FileClips(Dataset):
+    """Clips from (path, label) files, videos or pictures (a picture becomes a frame-invariant clip).
+    Item i reads file i % n of epoch i // n's permutation, seeded by (seed, epoch); an unreadable
+    file is skipped with one warning and another is drawn from (seed, i, attempt)."""
+
+    def __init__(self, items, frames, resolution, fps, train, seed, segments=None, views=None):
+        self.items, self.frames, self.resolution, self.fps = items, frames, resolution, fps
+        self.train, self.seed, self.segments, self.views = train, seed, segments, views
+        self.num_classes = max(label for _, label in items) + 1  # 0 when unlabeled (-1)
+        self.epoch, self.order = None, None  # the permutation of the last epoch read
+        self.attempts, self.failures, self.warned = 0, 0, set()  # reads in this process
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        for attempt in itertools.count():
+            rng = np.random.default_rng([self.seed, ITEM_STREAM, i, attempt])
+            path, label = self.items[self.pick(i) if attempt == 0 else rng.integers(len(self.items))]
+            self.attempts += 1
+            try:
+                return arrange(self.read(path, rng), self.frames, self.segments, self.views), label
+            except UnreadableFile as error:
+                self.failures += 1
+                if path not in self.warned:
+                    self.warned.add(path)
+                    warnings.warn(f'skipping unreadable file {path}: {error}')
+                if self.attempts >= 16 and self.failures > self.attempts / 2:
+                    raise RuntimeError(f'{self.failures} of {self.attempts} files read in this process could '
+                                       f'not be decoded (the last: {path}); most of the data is unreadable')
+
+    def pick(self, i):
+        """Index of the file for item i in its epoch's permutation."""
+        epoch, position = divmod(i, len(self.items))
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.order = np.random.default_rng([self.seed, ORDER_STREAM, epoch]).permutation(len(self.items))
+        return self.order[position]
+
+    def read(self, path, rng):
+        """(views, segments, 3, f, R, R) from one file; f = 1 for a picture, segments spread evenly."""
+        segments = self.segments or 1
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            pixels = read_image(path)[None, None]  # (1, 1, h, w, 3)
+        else:  # segment k starts in the k-th of `segments` equal parts: at random, or centred
+            offsets = rng.random(segments) if self.train else np.full(segments, 0.5)
+            pixels = read_video(path, self.frames, self.fps, (np.arange(segments) + offsets) / segments)
+        clip = rearrange(torch.from_numpy(pixels), 's f h w c -> c (s f) h w')
+        if self.train:
+            views = torch.stack([random_crop_flip(clip, self.resolution, rng) for _ in range(self.views or 1)])
+        else:
+            views = centre_views(clip, self.resolution, self.views or 1)
+        return rearrange(views, 'v c (s f) h w -> v s c f h w', s=len(pixels))
+
+
+class MixedClips(Dataset):
+    """Sources mixed by weight: item i is item i of a source drawn from (seed, i), so each source
+    serves a random share of the indices (and reads about that share of its files per epoch)."""
+
+    def __init__(self, sources, weights, seed):
+        self.sources, self.seed = sources, seed
+        self.bounds = np.cumsum(weights) / np.sum(weights)
+        self.num_classes = max(source.num_classes for source in sources)
+
+    def __len__(self):
+        return sum(len(source) for source in self.sources)
+
+    def __getitem__(self, i):
+        draw = np.random.default_rng([self.seed, MIX_STREAM, i]).random()
+        source = min(int(np.searchsorted(self.bounds, draw, side='right')), len(self.sources) - 1)
+        return self.sources[source][i]
+
+
+def read_list(list_path):
+    """(path, label) pairs of a "path label" list file; every listed file must exist."""
+    items = []
+    for number, line in enumerate(list_path.read_text().splitlines(), 1):
+        fields = line.rsplit(maxsplit=1)
+        if not fields:
+            continue
+        if len(fields) != 2 or not fields[1].lstrip('-').isdigit():
+            raise ValueError(f'{list_path}, line {number}: expected "path label" such as '
+                             f'"videos/abc.mp4 3", got {line!r}')
+        items.append((list_path.parent / fields[0], int(fields[1])))
+    if not items:
+        raise ValueError(f'{list_path} lists no files')
+    missing = [str(path) for path, _ in items if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f'{len(missing)} of {len(items)} files listed in {list_path} are missing: '
+                                + ', '.join(missing[:3]) + (', ...' if len(missing) > 3 else ''))
+    return items
+
+
+def scan_folder(folder):
+    """Class subfolders of images (label = index of the sorted class name), else all videos below (-1)."""
+    classes = sorted(path for path in folder.iterdir() if path.is_dir())
+    images = [(path, label) for label, class_folder in enumerate(classes)
+              for path in sorted(class_folder.iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES]
+    if images:
+        return images
+    videos = [(path, -1) for path in sorted(folder.rglob('*')) if path.suffix.lower() in VIDEO_SUFFIXES]
+    if not videos:
+        raise ValueError(f'{folder} holds neither videos ({", ".join(sorted(VIDEO_SUFFIXES))}) nor class '
+                         f'subfolders of images ({", ".join(sorted(IMAGE_SUFFIXES))})')
+    return videos
+
+
+def list_files(name):
+    """(path, label) pairs of a file source: a .txt list or a folder."""
+    path = Path(name)
+    if name and path.is_dir():
+        return scan_folder(path)
+    if path.is_file() and path.suffix == '.txt':
+        return read_list(path)
+    raise ValueError(f'{name!r} is not "synthetic", an existing .txt video list or an existing folder\n{SPEC_HELP}')
+
+
+def make_dataset(spec, *, frames, resolution, fps, train, seed, segments=None, views=None, label='direction'):
+    """The Dataset for a --data spec (see SPEC_HELP). Item i is a pure function of (seed, i) and is
+    (clip, label): clip (3, F, R, R), or (views, segments, 3, F, R, R) when segments or views is
+    given; label an int (-1 for unlabeled videos; `label` picks the synthetic one)."""
+    sources, weights = [], []
+    for part in spec.split(','):
+        name, colon, weight = part.strip().rpartition(':')
+        name, weight = (name, weight) if colon else (weight, '1')
+        if not re.fullmatch(r'\d+\.?\d*|\.\d+', weight) or float(weight) == 0:
+            raise ValueError(f'bad weight in {part!r} (want a positive number)\n{SPEC_HELP}')
+        if name == 'synthetic':
+            sources.append(SyntheticClips(frames, resolution, seed, label, segments=segments, views=views))
+        else:
+            sources.append(FileClips(list_files(name), frames, resolution, fps, train, seed, segments, views))
+        weights.append(float(weight))
+    return sources[0] if len(sources) == 1 else MixedClips(sources, weights, seed)

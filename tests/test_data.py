@@ -1,0 +1,278 @@
+"""Tests for data.py: synthetic clips, video lists, image folders, mixes and bad input (CPU, seconds)."""
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import data  # noqa: E402
+
+
+def write_video(path, n_frames, fps=12, width=64, height=48):
+    """An mpeg4 video: green = 10 * t + 5 (changes over time), red = a left-to-right ramp."""
+    with av.open(str(path), 'w') as container:
+        stream = container.add_stream('mpeg4', rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, 'yuv420p'
+        for t in range(n_frames):
+            image = np.full((height, width, 3), 128, np.uint8)
+            image[..., 0] = np.linspace(0, 255, width).astype(np.uint8)
+            image[..., 1] = 10 * t + 5
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format='rgb24')):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def write_list(path, lines):
+    path.write_text(''.join(f'{line}\n' for line in lines))
+    return path
+
+
+def write_image_folder(root):
+    """cat/ holds red pictures, dog/ blue ones, of different sizes."""
+    for name, colour in (('cat', (220, 20, 20)), ('dog', (20, 20, 220))):
+        (root / name).mkdir(parents=True)
+        for k, size in enumerate(((40, 30), (30, 50))):
+            Image.new('RGB', size, colour).save(root / name / f'{k}.png')
+    return root
+
+
+def green(clip):
+    """Mean green level per frame of a (3, F, H, W) clip."""
+    return clip[1].mean(dim=(-1, -2))
+
+
+# ---------------------------------------------------------------- synthetic clips
+
+def test_synthetic_shape_range_dtype_and_labels():
+    dataset = data.make_dataset('synthetic', frames=8, resolution=64, fps=4, train=True, seed=0)
+    assert dataset.num_classes == data.DIRECTIONS == 8
+    for i in range(4):
+        clip, label = dataset[i]
+        assert clip.shape == (3, 8, 64, 64) and clip.dtype == torch.float32
+        assert clip.min() >= -1 and clip.max() <= 1 and clip.std() > 0.1
+        assert isinstance(label, int) and 0 <= label < data.DIRECTIONS
+    shapes = data.make_dataset('synthetic', frames=8, resolution=64, fps=4, train=True, seed=0, label='shape')
+    assert shapes.num_classes == data.SHAPES >= 8
+
+
+def test_synthetic_is_deterministic_in_seed_and_index():
+    first = data.SyntheticClips(8, 64, seed=3)
+    again = data.SyntheticClips(8, 64, seed=3)
+    assert torch.equal(first[5][0], again[5][0])
+    assert torch.equal(first[10 ** 12][0], again[10 ** 12][0])  # beyond len() is fine
+    assert not torch.equal(first[5][0], first[6][0])
+    assert not torch.equal(first[5][0], data.SyntheticClips(8, 64, seed=4)[5][0])
+
+
+def test_label_argument_does_not_change_pixels_and_covers_all_classes():
+    by_direction = data.SyntheticClips(4, 32, seed=1, label='direction')
+    by_shape = data.SyntheticClips(4, 32, seed=1, label='shape')
+    directions, shapes = set(), set()
+    for i in range(100):
+        (clip_d, direction), (clip_s, shape) = by_direction[i], by_shape[i]
+        assert torch.equal(clip_d, clip_s)
+        directions.add(direction)
+        shapes.add(shape)
+    assert directions == set(range(data.DIRECTIONS)) and shapes == set(range(data.SHAPES))
+    with pytest.raises(ValueError, match='direction'):
+        data.SyntheticClips(4, 32, seed=1, label='colour')
+
+
+def test_shapes_are_distinct_silhouettes():
+    masks = [data.shape_mask(shape, 24) for shape in range(data.SHAPES)]
+    assert all(mask.sum() > 24 for mask in masks)
+    for a in range(data.SHAPES):
+        for b in range(a):
+            assert (masks[a] != masks[b]).sum() > 20, (data.SHAPE_NAMES[a], data.SHAPE_NAMES[b])
+
+
+def estimate_direction(clip, step):
+    """Direction (0..7) of the one moving object of a clip with a still background: its mask is
+    where a frame differs from the per-pixel median over time; centroids use circular means."""
+    video = clip.numpy()  # (3, F, R, R)
+    size = video.shape[-1]
+    background = np.median(video, axis=1)
+
+    def centroid(t):
+        ys, xs = np.nonzero(np.abs(video[:, t] - background).sum(0) > 0.1)
+        circular_mean = lambda c: np.angle(np.exp(2j * np.pi * c / size).mean()) * size / (2 * np.pi)  # noqa: E731
+        return circular_mean(ys), circular_mean(xs)
+
+    (y0, x0), (y1, x1) = centroid(0), centroid(step)
+    dy, dx = (y1 - y0 + size / 2) % size - size / 2, (x1 - x0 + size / 2) % size - size / 2
+    return round(np.arctan2(-dy, dx) / (np.pi / 4)) % data.DIRECTIONS  # rows grow downwards
+
+
+def test_direction_label_matches_the_motion():
+    dataset = data.SyntheticClips(96, 64, seed=7, distractors=0, camera_motion=0.0)
+    for i in range(12):
+        clip, direction = dataset[i]
+        assert estimate_direction(clip, step=4) == direction, i
+
+
+def changing_share(clip):
+    """Share of pixels that differ between the first two frames."""
+    return ((clip[:, 0] - clip[:, 1]).abs().sum(0) > 1e-3).float().mean().item()
+
+
+def test_camera_motion_and_distractors_add_motion():
+    still = [changing_share(data.SyntheticClips(4, 64, seed=2, distractors=0)[i][0]) for i in range(8)]
+    panned = [changing_share(data.SyntheticClips(4, 64, seed=2, distractors=0, camera_motion=2.0)[i][0])
+              for i in range(8)]
+    busy = [changing_share(data.SyntheticClips(4, 64, seed=2, distractors=4)[i][0]) for i in range(8)]
+    assert max(still) < 0.35 and min(panned) > 0.5
+    assert np.mean(busy) > 1.5 * np.mean(still)  # four moving distractors
+
+
+def test_synthetic_segments_and_views():
+    dataset = data.SyntheticClips(4, 32, seed=0, segments=2, views=3)
+    clip, _ = dataset[0]
+    assert clip.shape == (3, 2, 3, 4, 32, 32)
+    assert torch.equal(clip[0], clip[2])  # views are copies
+    assert not torch.equal(clip[0, 0], clip[0, 1])  # the segments follow each other in time
+
+
+# ---------------------------------------------------------------- videos
+
+def test_video_list_decodes_clips(tmp_path):
+    write_video(tmp_path / 'a.mp4', 24)
+    (tmp_path / 'sub').mkdir()
+    write_video(tmp_path / 'sub' / 'b.mp4', 24)
+    listing = write_list(tmp_path / 'list.txt', ['a.mp4 0', f'{tmp_path / "sub" / "b.mp4"} 1'])
+    train = data.make_dataset(str(listing), frames=8, resolution=32, fps=12, train=True, seed=0)
+    assert len(train) == 2 and train.num_classes == 2
+    assert sorted(train[i][1] for i in range(2)) == [0, 1]  # one epoch visits every file once
+    clip, label = train[0]
+    assert clip.shape == (3, 8, 32, 32) and clip.dtype == torch.float32
+    assert clip.min() >= -1 and clip.max() <= 1
+    assert (green(clip).diff() > 0.03).all()  # every frame brighter than the last (+10 levels)
+    fresh = data.make_dataset(str(listing), frames=8, resolution=32, fps=12, train=True, seed=0)
+    assert torch.equal(fresh[7][0], train[7][0])  # same random crop, flip and start
+    assert not torch.equal(train[7][0], train[9][0])
+
+
+def test_frames_are_sampled_at_the_asked_fps(tmp_path):
+    listing = write_list(tmp_path / 'list.txt', ['a.mp4 0'])
+    write_video(tmp_path / 'a.mp4', 24, fps=12)
+    dataset = data.make_dataset(str(listing), frames=4, resolution=32, fps=6, train=False, seed=0)
+    steps = green(dataset[0][0]).diff() * 127.5  # two source frames apart: +20 levels
+    assert torch.allclose(steps, torch.full_like(steps, 20.0), atol=4)
+
+
+def test_short_video_is_padded_with_its_last_frame(tmp_path):
+    listing = write_list(tmp_path / 'list.txt', ['short.mp4 0'])
+    write_video(tmp_path / 'short.mp4', 5)
+    clip, _ = data.make_dataset(str(listing), frames=8, resolution=32, fps=12, train=False, seed=0)[0]
+    assert not torch.equal(clip[:, 3], clip[:, 4])
+    assert all(torch.equal(clip[:, 4], clip[:, t]) for t in range(5, 8))
+    write_video(tmp_path / 'short.mp4', 6)  # frames 0..5 at half the rate: 0, 2, 4, then the final 5
+    clip, _ = data.make_dataset(str(listing), frames=4, resolution=32, fps=6, train=False, seed=0)[0]
+    assert 5 < (green(clip)[3] - green(clip)[2]) * 127.5 < 15
+
+
+def test_eval_segments_and_views(tmp_path):
+    listing = write_list(tmp_path / 'list.txt', ['a.mp4 0'])
+    write_video(tmp_path / 'a.mp4', 24)
+    dataset = data.make_dataset(str(listing), frames=4, resolution=32, fps=12, train=False, seed=0,
+                                segments=2, views=3)
+    clip, _ = dataset[0]
+    assert clip.shape == (3, 2, 3, 4, 32, 32)
+    red = clip[:, :, 0].mean(dim=(1, 2, 3, 4))  # per view: left, centre, right crop of a red ramp
+    assert red[0] < red[1] < red[2]
+    assert green(clip[0, 1]).mean() > green(clip[0, 0]).mean() + 0.5  # the later segment is brighter
+    assert torch.equal(clip, dataset[0][0])
+    single = data.make_dataset(str(listing), frames=4, resolution=32, fps=12, train=False, seed=0)[0][0]
+    assert torch.allclose(single, data.load_video_clip(tmp_path / 'a.mp4', 4, 12, 32))
+
+
+def test_video_folder_is_unlabeled(tmp_path):
+    write_video(tmp_path / 'x.mp4', 6)
+    (tmp_path / 'more').mkdir()
+    write_video(tmp_path / 'more' / 'y.mp4', 6)
+    dataset = data.make_dataset(str(tmp_path), frames=4, resolution=16, fps=12, train=True, seed=0)
+    assert len(dataset) == 2 and dataset.num_classes == 0 and dataset[0][1] == -1
+
+
+def test_missing_files_and_bad_lines(tmp_path):
+    write_video(tmp_path / 'a.mp4', 6)
+    listing = write_list(tmp_path / 'list.txt', ['a.mp4 0', 'missing.mp4 1'])
+    with pytest.raises(FileNotFoundError, match=r'1 of 2 .*missing\.mp4'):
+        data.make_dataset(str(listing), frames=4, resolution=16, fps=12, train=True, seed=0)
+    bad = write_list(tmp_path / 'bad.txt', ['a.mp4 0', 'a.mp4 zero'])
+    with pytest.raises(ValueError, match=r'bad\.txt, line 2'):
+        data.make_dataset(str(bad), frames=4, resolution=16, fps=12, train=True, seed=0)
+    with pytest.raises(FileNotFoundError):
+        data.load_video_clip(tmp_path / 'nothing.mp4', 4, 12, 16)
+
+
+def test_corrupt_file_is_skipped_with_one_warning(tmp_path):
+    write_video(tmp_path / 'good.mp4', 6)
+    (tmp_path / 'bad.mp4').write_bytes(np.random.default_rng(0).bytes(4000))
+    listing = write_list(tmp_path / 'list.txt', ['good.mp4 0', 'bad.mp4 1'])
+    dataset = data.make_dataset(str(listing), frames=4, resolution=16, fps=12, train=True, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        labels = [dataset[i][1] for i in range(8)]
+    assert labels == [0] * 8
+    assert len([w for w in caught if 'bad.mp4' in str(w.message)]) == 1
+    with pytest.raises(ValueError, match='cannot decode'):
+        data.load_video_clip(tmp_path / 'bad.mp4', 4, 12, 16)
+
+
+def test_mostly_unreadable_data_raises(tmp_path):
+    for k in range(3):
+        (tmp_path / f'bad{k}.mp4').write_bytes(b'not a video' * 100)
+    listing = write_list(tmp_path / 'list.txt', [f'bad{k}.mp4 0' for k in range(3)])
+    dataset = data.make_dataset(str(listing), frames=4, resolution=16, fps=12, train=True, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        with pytest.raises(RuntimeError, match='could not be decoded'):
+            dataset[0]
+
+
+# ---------------------------------------------------------------- images, mixes and specs
+
+def test_image_folder_gives_frame_invariant_labeled_clips(tmp_path):
+    root = write_image_folder(tmp_path / 'imgs')
+    for train in (True, False):
+        dataset = data.make_dataset(str(root), frames=4, resolution=16, fps=4, train=train, seed=0)
+        assert len(dataset) == 4 and dataset.num_classes == 2
+        for i in range(4):
+            clip, label = dataset[i]
+            assert clip.shape == (3, 4, 16, 16)
+            assert all(torch.equal(clip[:, 0], clip[:, t]) for t in range(1, 4))
+            is_red = clip[0].mean() > clip[2].mean()
+            assert label == (0 if is_red else 1)  # cat (sorted first) is red
+    clip = data.load_image_clip(root / 'dog' / '1.png', 4, 16)
+    assert clip.shape == (3, 4, 16, 16) and clip[2].mean() > clip[0].mean()
+
+
+def test_mix_follows_the_weights(tmp_path):
+    write_video(tmp_path / 'a.mp4', 6)
+    listing = write_list(tmp_path / 'a.txt', ['a.mp4 7'])
+    root = write_image_folder(tmp_path / 'imgs')
+    dataset = data.make_dataset(f'{listing}:0.7,{root}/:0.3', frames=2, resolution=16, fps=12, train=True, seed=0)
+    assert dataset.num_classes == 8
+    labels = [dataset[i][1] for i in range(300)]
+    assert 0.62 < labels.count(7) / 300 < 0.78
+    assert torch.equal(dataset[11][0], dataset[11][0])
+    single = data.make_dataset('synthetic:0.5', frames=2, resolution=16, fps=4, train=True, seed=0)
+    assert isinstance(single, data.SyntheticClips)
+
+
+def test_wrong_specs_explain_the_forms(tmp_path):
+    (tmp_path / 'notes.csv').write_text('x')
+    (tmp_path / 'empty').mkdir()
+    for spec in (str(tmp_path / 'nowhere'), str(tmp_path / 'notes.csv'), 'synthetic:abc', 'synthetic:0', ''):
+        with pytest.raises(ValueError, match=re.escape('k400.txt:0.7,imagenet/train:0.3')):
+            data.make_dataset(spec, frames=4, resolution=16, fps=4, train=True, seed=0)
+    with pytest.raises(ValueError, match='neither videos'):
+        data.make_dataset(str(tmp_path / 'empty'), frames=4, resolution=16, fps=4, train=True, seed=0)

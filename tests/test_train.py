@@ -1,0 +1,92 @@
+"""train.py: the schedule, exact resume, checkpoints of raw modules, NaN handling, torchrun with gloo."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from train import RECIPE, get_args, schedule
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a tiny run: 4 frames of 48 x 48 (2 slots of 6 x 6 tokens), 2 micro-batches per step
+SMALL = ['--frames', '4', '--cooldown_frames', '8', '--resolution', '48', '--batch_size', '4',
+         '--micro_batch_size', '2', '--log_every', '1', '--tau_repeats', '2']
+
+
+def losses(out_dir):
+    rows = [json.loads(line) for line in open(os.path.join(out_dir, 'log.jsonl'))]
+    return {r['step']: (r['loss'], r['flow'], r['align']) for r in rows if 'loss' in r}
+
+
+def test_schedule_follows_table_8():
+    args, _ = get_args(['--size', 'l'])
+    assert args.steps == 132000 and args.batch_size == 3072 and args.ema == 0.99925
+    at = lambda step: schedule(step, args)
+    assert at(0)['stage'] == 'warmup' and at(0)['lr'] == pytest.approx(1e-4) and at(0)['tau_repeats'] == 4
+    assert at(12000)['stage'] == 'stable1' and at(12000)['lr'] == pytest.approx(5e-4)
+    assert at(40000)['stage'] == 'stable2' and at(40000)['lr'] == pytest.approx(4.5e-4)
+    assert at(40000)['decoder_lr'] == pytest.approx(8e-4) and at(40000)['tau_repeats'] == 1
+    assert at(120000)['stage'] == 'cooldown' and at(120000)['lr'] == pytest.approx(1e-4)
+    assert at(120000)['decoder_lr'] == pytest.approx(3e-4) and at(120000)['long_clips']
+    assert at(131999)['lr'] == pytest.approx(1e-6, rel=0.01)
+    assert at(20000)['decoder_lr'] == at(20000)['lr']  # same as the main lr in stable 1
+
+
+def test_every_big_size_uses_the_papers_recipe():
+    for size in ('l', 'h', 'g'):
+        recipe = RECIPE[size]
+        assert (recipe['lr'], recipe['decoder_lr'], recipe['tau_repeats'], recipe['frames'], recipe['cooldown_frames'],
+                recipe['resolution'], recipe['masks']) == (5e-4, 8e-4, 4, 16, 64, 256, '8x0.15,2x0.7')
+
+
+def test_micro_batch_must_divide_the_batch(tmp_path):
+    with pytest.raises(SystemExit, match='micro'):
+        train.train(SMALL + ['--steps', '2', '--micro_batch_size', '3', '--out_dir', str(tmp_path)])
+
+
+def test_resumed_run_matches_uninterrupted_run(tmp_path):
+    whole, split = str(tmp_path / 'whole'), str(tmp_path / 'split')
+    train.train(SMALL + ['--steps', '12', '--out_dir', whole])
+    train.train(SMALL + ['--steps', '12', '--stop_at', '6', '--out_dir', split])
+    assert torch.load(os.path.join(split, 'ckpt.pt'), weights_only=False)['step'] == 6
+    with pytest.raises(SystemExit, match='keeps its recipe'):
+        train.train(['--resume', '--lr', '1e-3', '--out_dir', split])
+    train.train(['--resume', '--out_dir', split, '--log_every', '1'])
+    expected, resumed = losses(whole), losses(split)
+    assert sorted(expected) == sorted(resumed) == list(range(1, 13))
+    assert expected == resumed  # the same floats, including the cool-down's longer clips (step 12)
+    a = torch.load(os.path.join(whole, 'ckpt.pt'), weights_only=False)
+    b = torch.load(os.path.join(split, 'ckpt.pt'), weights_only=False)
+    for key in ('encoder', 'ema_encoder', 'predictor', 'decoder'):
+        assert all(torch.equal(a[key][name], b[key][name]) for name in a[key])
+    assert os.path.exists(os.path.join(whole, 'loss.png'))
+
+
+def test_loss_goes_down(tmp_path):
+    train.train(SMALL + ['--steps', '30', '--lr', '1e-3', '--out_dir', str(tmp_path)])
+    curve = [loss for loss, _, _ in losses(str(tmp_path)).values()]
+    assert sum(curve[-5:]) / 5 < 0.8 * sum(curve[:5]) / 5
+
+
+def test_non_finite_loss_skips_then_stops(tmp_path, monkeypatch):
+    def broken(self, video, target, keeps, tau_repeats):
+        nan = self.decoder.out.bias.sum() * float('nan')
+        return nan, nan
+    monkeypatch.setattr(train.NextVid, 'forward', broken)
+    with pytest.warns(UserWarning, match='non-finite'), pytest.raises(RuntimeError, match='3 non-finite steps'):
+        train.train(SMALL + ['--steps', '10', '--out_dir', str(tmp_path)])
+
+
+def test_torchrun_two_ranks_on_cpu(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29533', 'train.py',
+           *SMALL, '--steps', '3', '--out_dir', str(tmp_path), '--save_every', '3']
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(losses(str(tmp_path))) == [1, 2, 3]
+    checkpoint = torch.load(os.path.join(str(tmp_path), 'ckpt.pt'), weights_only=False)
+    assert not any(k.startswith('module.') for k in checkpoint['encoder'])  # the raw module, not DDP's wrapper
+    assert checkpoint['step'] == 3 and checkpoint['args']['batch_size'] == 4
