@@ -21,7 +21,7 @@ import math
 
 import torch
 import torch.nn as nn
-from einops import rearrange, repeat
+from einops import rearrange
 
 from encoder import MLP, Attention, init_weights, positions
 from masks import Pattern
@@ -69,8 +69,9 @@ class DiTBlock(nn.Module):
         self.mlp = MLP(dim, mlp_ratio)
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x, cond, pos, pattern):  # x, cond (B, L, dim)
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond).chunk(6, dim=-1)
+    def forward(self, x, cond, pos, pattern):  # x (B, L, dim), cond (B, n, dim): one per slot
+        modulation = self.modulation(cond).repeat_interleave(x.shape[1] // cond.shape[1], dim=1)  # (B, L, 6*dim)
+        shift1, scale1, gate1, shift2, scale2, gate2 = modulation.chunk(6, dim=-1)
         x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), pos, pattern)
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
@@ -96,12 +97,12 @@ class Decoder(nn.Module):
         grid (n, h, w) with L = n*h*w. Returns the velocity (B, L, target_dim)."""
         n, h, w = grid
         x = self.embed(torch.cat([z, x_tau], dim=-1))  # (B, L, dim)
-        cond = repeat(self.time(tau), 'b n d -> b (n s) d', s=h * w)  # (B, L, dim), one tau per slot
+        cond = self.time(tau)  # (B, n, dim): one tau per slot, modulating that slot's tokens
         pos = positions(grid).to(x.device)  # (L, 3)
         pattern = Pattern('isolated', (h * w,) * n, (h * w,) * n, self.attn_impl)
         for block in self.blocks:
             x = block(x, cond, pos, pattern)
-        shift, scale = self.final_modulation(cond).chunk(2, dim=-1)
+        shift, scale = self.final_modulation(cond).repeat_interleave(h * w, dim=1).chunk(2, dim=-1)
         return self.out(modulate(self.final_norm(x), shift, scale))
 
     @torch.no_grad()

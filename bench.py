@@ -1,0 +1,151 @@
+"""
+Training speed of NExT-Vid, the way the field states it: clips/s, tokens/s, MFU, peak memory.
+
+    python bench.py --size tiny                                   # CPU
+    python bench.py --size s --attn dense                         # compare attention paths
+    python bench.py --size l --dtype bf16 --compile               # one GPU
+    python bench.py --size g --dtype bf16 --compile --grad_checkpointing --micro_batch_size 16
+
+Runs full training steps (reference encoder, two masked encoder passes, predictor, decoder with
+the first stage's tau repeats, AdamW, EMA) on random clips of the size's default shape and
+prints one JSON line. Model FLOPs per clip come from the formula in `flops_per_clip`: matmuls
+count 2 FLOPs per multiply-add; attention counts only the (query, key) pairs its pattern allows;
+trained modules cost 3x their forward (forward + backward), the reference encoder 1x.
+tests/test_bench.py checks the formula against torch's FlopCounterMode.
+"""
+import argparse
+import json
+import resource
+import time
+from copy import deepcopy
+
+import torch
+import torch.nn.functional as F
+
+from decoder import Decoder
+from encoder import SIZES, Encoder
+from masks import Pattern, sample_keep
+from predictor import Predictor
+from train import RECIPE, NextVid, param_groups, parse_masks
+
+PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'L40S': 362.0}  # dense bf16 tensor cores
+
+
+def pairs(pattern):
+    """How many (query, key) pairs the pattern allows."""
+    return int(pattern.matrix().sum())
+
+
+def transformer_flops(tokens, dim, depth, mlp_hidden, attn_pairs):
+    """Forward FLOPs of `depth` pre-norm blocks: qkv + proj (4 dim^2), MLP (2 dim hidden) per
+    token, and 2 dim for q.k plus 2 dim for the weighted sum per allowed pair."""
+    return depth * (2 * tokens * (4 * dim * dim + 2 * dim * mlp_hidden) + 4 * dim * attn_pairs)
+
+
+def flops_per_clip(encoder, predictor, decoder, grid, kept, tau_repeats):
+    """Training FLOPs for one clip. kept: tokens per slot the encoder sees, one per mask generator."""
+    T, h, w = grid
+    S, N, L = h * w, T * h * w, (T - 1) * h * w
+    D, depth = encoder.dim, len(encoder.blocks)
+    hidden = encoder.blocks[0].mlp[0].out_features
+    embed = 2 * 3 * encoder.tubelet * encoder.patch ** 2 * D  # Conv3d per token
+    full = Pattern('causal', (S,) * T, (S,) * T)
+    total = 1 * (N * embed + transformer_flops(N, D, depth, hidden, pairs(full)))  # reference encoder
+    d, dd = predictor.context_proj.out_features, decoder.embed.out_features
+    p_hidden, d_hidden = predictor.blocks[0].mlp[0].out_features, decoder.blocks[0].mlp[0].out_features
+    P = decoder.out.out_features
+    for k in kept:
+        K = T * k
+        enc = transformer_flops(K, D, depth, hidden, pairs(Pattern('causal', (k,) * T, (k,) * T)))
+        ar = Pattern('autoregressive', (0,) + (S,) * (T - 1), (k,) * T)
+        pred = 2 * K * D * d + 2 * L * d * D  # context in, z out
+        # per block: q, proj and MLP on the L queries, k and v on the K context tokens, attention pairs
+        pred += len(predictor.blocks) * (2 * L * (2 * d * d + 2 * d * p_hidden) + 2 * K * 2 * d * d + 4 * d * pairs(ar))
+        iso = Pattern('isolated', (S,) * (T - 1), (S,) * (T - 1))
+        dec = 2 * L * (D + P) * dd + 2 * L * dd * P + transformer_flops(L, dd, len(decoder.blocks), d_hidden, pairs(iso))
+        dec += len(decoder.blocks) * 2 * (T - 1) * dd * 6 * dd  # adaLN modulation, once per slot
+        total += 2 * N * embed + 3 * (enc + pred + tau_repeats * dec)  # the clip needs no gradient: 2x for the embed
+    return total
+
+
+def main():
+    p = argparse.ArgumentParser(description='Benchmark NExT-Vid training steps.')
+    p.add_argument('--size', choices=list(SIZES), default='tiny')
+    p.add_argument('--micro_batch_size', type=int, help="clips per step (default: the size's micro batch)")
+    p.add_argument('--dtype', choices=['fp32', 'bf16'], default='fp32')
+    p.add_argument('--compile', action='store_true')
+    p.add_argument('--grad_checkpointing', action='store_true')
+    p.add_argument('--attn', choices=['auto', 'dense', 'slots', 'flex'], default='auto', help='attention path (masks.attend)')
+    p.add_argument('--steps', type=int, default=5, help='timed steps, after 2 warm-up steps')
+    p.add_argument('--peak_tflops', type=float, help="the device's peak, for MFU on a device not in PEAK_TFLOPS")
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    args = p.parse_args()
+    recipe = RECIPE[args.size]
+    micro = args.micro_batch_size or recipe['micro_batch_size']
+    device = torch.device(args.device)
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.dtype == 'bf16')
+
+    torch.manual_seed(0)
+    encoder = Encoder(**SIZES[args.size])
+    model = NextVid(encoder, Predictor(encoder.dim, **recipe['predictor']),
+                    Decoder(encoder.dim, encoder.tubelet * encoder.patch ** 2 * 3, **recipe['decoder'])).to(device)
+    ema = deepcopy(encoder).eval().requires_grad_(False)
+    for module in (encoder, model.predictor, model.decoder, ema):
+        module.attn_impl = args.attn
+    encoder.grad_checkpointing = args.grad_checkpointing
+    if args.compile:
+        for block in [*encoder.blocks, *model.predictor.blocks, *model.decoder.blocks, *ema.blocks]:
+            block.compile()
+    optimizer = torch.optim.AdamW(param_groups(model), lr=1e-4, betas=(0.9, 0.95), fused=device.type == 'cuda')
+    ema_params, online_params = list(ema.parameters()), list(encoder.parameters())
+
+    video = torch.randn(micro, 3, recipe['frames'], recipe['resolution'], recipe['resolution'], device=device)
+    grid = encoder.grid(video)
+    generator = torch.Generator().manual_seed(0)
+    keeps = [sample_keep(micro, grid, n, s, generator=generator).to(device) for n, s in parse_masks(recipe['masks'])]
+
+    def step():
+        with torch.no_grad(), autocast:
+            target = ema(video).float()
+            target = F.layer_norm(target, target.shape[-1:])
+        with autocast:
+            flow, align = model(video, target, keeps, recipe['tau_repeats'])
+        (0.5 * flow + align).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, online_params, 1 - recipe['ema'])
+
+    for _ in range(2):
+        step()
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / args.steps
+
+    kept = [k.shape[1] // grid[0] for k in keeps]
+    flops = flops_per_clip(encoder, model.predictor, model.decoder, grid, kept, recipe['tau_repeats'])
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    achieved = flops * micro / seconds / 1e12
+    if device.type == 'cuda':
+        memory = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    else:
+        memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # peak RSS of the process
+    print(json.dumps(dict(
+        device=name, size=args.size, micro_batch_size=micro, dtype=args.dtype, compile=args.compile, attn=args.attn,
+        grad_checkpointing=args.grad_checkpointing, frames=recipe['frames'], resolution=recipe['resolution'],
+        tokens_per_clip=grid[0] * grid[1] * grid[2], kept_per_slot=kept, step_s=round(seconds, 4),
+        clips_per_s=round(micro / seconds, 2), tokens_per_s=round(micro * grid[0] * grid[1] * grid[2] / seconds),
+        gflops_per_clip=round(flops / 1e9, 2), tflops=round(achieved, 3),
+        mfu=round(achieved / peak, 4) if peak else None, peak_memory_gb=round(memory, 2))))
+
+
+if __name__ == '__main__':
+    main()
