@@ -1,0 +1,240 @@
+"""
+Look at what a NExT-Vid checkpoint generates (arXiv 2512.21004): the decoder turns the predictor's
+latent z_t into slot t's pixels, so its samples show what the model expects the next frame to be.
+
+    python sample.py                                  # out/ckpt.pt on 4 held-out synthetic clips
+    python sample.py --video clip.mp4 --samples 3     # a real video, 3 draws from different noise
+    python sample.py --image cat.jpg --rollout 6      # grow a still picture by 6 generated slots
+
+Masked next-frame generation (default): the encoder reads the clip under the checkpoint's first
+mask generator (none if it was trained with --no_mask), the predictor gives z_t for slots 1..T-1,
+and the decoder integrates its velocity from noise (tau = 0) to pixels (tau = 1) by Euler steps.
+Slot 0 is context only, so it is grey in the generated rows. Writes generation.png (rows "real",
+"masked input", "generated" or "sample 1..n" per clip, one column per frame) and generation.gif /
+generation.mp4 (the same videos side by side, one clip per row).
+
+Rollout (--rollout K): from the first slot of the clip (or the --image picture), generate the next
+slot, append it, re-encode the whole unmasked past, and repeat K times. Writes rollout.png/.gif/.mp4
+next to the real clip (for --image, the still picture itself).
+"""
+import argparse
+import os
+from fractions import Fraction
+
+import av
+import torch
+from einops import rearrange, repeat
+from PIL import Image, ImageDraw
+
+from data import load_image_clip, load_video_clip, make_dataset
+from decoder import Decoder, patchify, unpatchify
+from encoder import Encoder
+from masks import sample_keep
+from predictor import Predictor
+from train import parse_masks
+
+DISPLAY = 128  # frames are upscaled (nearest) by the largest whole factor that keeps them <= this, at least 1
+LABEL_WIDTH, HEADER, GAP, GROUP_GAP = 90, 16, 2, 10  # pixels: row labels, text lines, between cells, between clips
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--ckpt', default='out/ckpt.pt')
+    p.add_argument('--out_dir', default='out/samples')
+    source = p.add_mutually_exclusive_group()
+    source.add_argument('--video', help='a video file (its centred clip at the checkpoint fps and resolution)')
+    source.add_argument('--image', help='a still picture, read as a frame-invariant clip')
+    p.add_argument('--clips', type=int, default=4, help='held-out synthetic clips when neither --video nor --image')
+    p.add_argument('--rollout', type=int, default=0, help='generate this many slots autoregressively from the first')
+    p.add_argument('--steps', type=int, default=50, help='Euler steps from noise to pixels')
+    p.add_argument('--samples', type=int, default=1, help='draws from different noise per clip')
+    p.add_argument('--seed', type=int, default=0, help='seeds the mask, the noise and which synthetic clips')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    return p.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------
+# model
+
+
+def load_models(path, device):
+    """Online encoder, predictor and decoder of a train.py checkpoint, and its training args."""
+    if not os.path.exists(path):
+        raise SystemExit(f"no checkpoint at {path}: make one with `python train.py` (or point --ckpt at one)")
+    checkpoint = torch.load(path, map_location='cpu', weights_only=False)
+    train_args = checkpoint['args']
+    with torch.device('meta'):  # no time spent on a random init that the checkpoint overwrites
+        encoder = Encoder(**checkpoint['encoder_config'])
+        predictor = Predictor(encoder.dim, **train_args['predictor'])
+        decoder = Decoder(encoder.dim, encoder.tubelet * encoder.patch ** 2 * 3, **train_args['decoder'])
+    for name, module in [('encoder', encoder), ('predictor', predictor), ('decoder', decoder)]:
+        module.load_state_dict(checkpoint[name], assign=True)  # the online encoder: the predictor learned on its context
+        module.to(device).eval()
+    train_args['step'] = checkpoint['step']
+    return encoder, predictor, decoder, train_args
+
+
+def first_mask(train_args, batch, grid, seed, device):
+    """Kept tokens (B, T*k) from the checkpoint's first mask generator, or None (--no_mask run)."""
+    if train_args['no_mask']:
+        return None
+    num_blocks, scale = parse_masks(train_args['masks'])[0]
+    return sample_keep(batch, grid, num_blocks, scale, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def hide_masked(video, keep, grid, patch, tubelet):
+    """The clip (B, 3, F, H, W) as the encoder saw it: tokens not in keep (B, K) painted grey (0)."""
+    tokens = patchify(video, patch, tubelet)  # (B, N, P)
+    seen = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=video.device).scatter_(1, keep, True)
+    return unpatchify(tokens * seen[..., None], grid, patch, tubelet)
+
+
+@torch.no_grad()
+def generate(encoder, predictor, decoder, video, keep, samples, steps, generator):
+    """Slots 1..T-1 of video (B, 3, F, H, W) generated from its (masked) context, `samples` draws from
+    different noise: (samples, B, 3, F, H, W), slot 0 (context only) left grey."""
+    T, h, w = grid = encoder.grid(video)
+    z = predictor(encoder(video, keep), keep, grid)  # (B, (T-1)*h*w, D)
+    z = repeat(z, 'b l d -> (n b) l d', n=samples)  # one noise draw per copy
+    tokens = decoder.sample(z, (T - 1, h, w), steps, generator)  # (samples*B, (T-1)*h*w, P)
+    frames = unpatchify(tokens, (T - 1, h, w), encoder.patch, encoder.tubelet).clamp(-1, 1)  # (samples*B, 3, F-2, H, W)
+    blank = torch.zeros_like(frames[:, :, :encoder.tubelet])
+    return rearrange(torch.cat([blank, frames], dim=2), '(n b) c f h w -> n b c f h w', n=samples)
+
+
+@torch.no_grad()
+def rollout(encoder, predictor, decoder, seed, slots, steps, generator):
+    """Grow seed (B, 3, tubelet, H, W) by `slots` generated slots: (B, 3, tubelet * (1 + slots), H, W)."""
+    video = seed
+    for _ in range(slots):
+        # To generate slot t, encode t + 1 slots whose last one is a placeholder (zeros). It cannot
+        # leak into the result: the encoder is frame-causal and the predictor's z for slot t attends
+        # only to context slots < t, so the placeholder's own features are never read.
+        grown = torch.cat([video, torch.zeros_like(seed)], dim=2)  # (B, 3, F + tubelet, H, W)
+        _, h, w = grid = encoder.grid(grown)
+        z = predictor(encoder(grown), None, grid)[:, -h * w:]  # (B, h*w, D): the last slot's latents
+        tokens = decoder.sample(z, (1, h, w), steps, generator)  # (B, h*w, P)
+        next_slot = unpatchify(tokens, (1, h, w), encoder.patch, encoder.tubelet).clamp(-1, 1)
+        video = torch.cat([video, next_slot], dim=2)
+    return video
+
+
+# -----------------------------------------------------------------------------
+# pictures and videos
+
+
+def to_frames(video):
+    """(3, F, H, W) in [-1, 1] -> list of F uint8 arrays (H, W, 3)."""
+    pixels = ((video.clamp(-1, 1) + 1) * 127.5).round().byte().cpu()
+    return list(rearrange(pixels, 'c f h w -> f h w c').numpy())
+
+
+def tile(cells, row_labels, column_labels, title, group):
+    """One picture of cells[r][c] (uint8 (H, W, 3) arrays, all one size) upscaled (nearest), with a
+    title line, a label left of each row and above each column, and a wider gap after every `group` rows."""
+    H, W = cells[0][0].shape[:2]
+    scale = max(1, DISPLAY // max(H, W))
+    cell_h, cell_w = H * scale + GAP, W * scale + GAP
+    width = LABEL_WIDTH + len(column_labels) * cell_w
+    height = 2 * HEADER + len(cells) * cell_h + (len(cells) - 1) // group * GROUP_GAP
+    picture = Image.new('RGB', (width, height), 'white')
+    draw = ImageDraw.Draw(picture)
+    draw.text((4, 2), title, fill='black')
+    for c, label in enumerate(column_labels):
+        draw.text((LABEL_WIDTH + c * cell_w, HEADER + 2), label, fill='black')
+    for r, (row, label) in enumerate(zip(cells, row_labels)):
+        top = 2 * HEADER + r * cell_h + r // group * GROUP_GAP
+        draw.text((4, top + cell_h // 2 - 6), label, fill='black')
+        for c, cell in enumerate(row):
+            picture.paste(Image.fromarray(cell).resize((W * scale, H * scale), Image.NEAREST), (LABEL_WIDTH + c * cell_w, top))
+    return picture
+
+
+def layouts(videos, title, tubelet):
+    """videos: {label: (B, 3, F, H, W)}. Returns the still picture (one row per clip and label, one
+    column per frame) and the animation (one picture per frame: one row per clip, one column per label)."""
+    clips, _, length = next(iter(videos.values())).shape[:3]
+    frames = {label: [to_frames(clip) for clip in video] for label, video in videos.items()}  # label -> B x F
+    rows = [frames[label][b] for b in range(clips) for label in videos]
+    slot_labels = [f"slot {f // tubelet}" if f % tubelet == 0 else '' for f in range(length)]
+    still = tile(rows, list(videos) * clips, slot_labels, title, group=len(videos))
+    # the frame counter in the title also keeps consecutive GIF frames distinct (pillow merges equal ones)
+    animation = [tile([[frames[label][b][f] for label in videos] for b in range(clips)],
+                      [f"clip {b + 1}" for b in range(clips)], list(videos),
+                      f"frame {f + 1}/{length}, slot {f // tubelet}", group=1) for f in range(length)]
+    return still, animation
+
+
+def write_mp4(pictures, path, fps):
+    """Pictures of one size -> H.264 (MPEG-4 where the av wheel lacks libx264), yuv420p, even size."""
+    width, height = (size - size % 2 for size in pictures[0].size)
+    with av.open(path, 'w') as container:
+        stream = container.add_stream('libx264' if 'libx264' in av.codecs_available else 'mpeg4',
+                                      rate=Fraction(fps).limit_denominator(1000))
+        stream.width, stream.height, stream.pix_fmt = width, height, 'yuv420p'
+        for picture in pictures:
+            container.mux(stream.encode(av.VideoFrame.from_image(picture.crop((0, 0, width, height)))))
+        container.mux(stream.encode())  # flush the frames the encoder still holds
+
+
+def save(still, animation, out_dir, name, fps):
+    """name.png, name.gif and name.mp4 in out_dir; returns their paths."""
+    png, gif, mp4 = (os.path.join(out_dir, name + ext) for ext in ('.png', '.gif', '.mp4'))
+    still.save(png)
+    animation[0].save(gif, save_all=True, append_images=animation[1:], duration=round(1000 / fps), loop=0)
+    write_mp4(animation, mp4, fps)
+    return [png, gif, mp4]
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def load_clips(args, frames, train_args):
+    """(B, 3, frames, R, R) in [-1, 1]: the --video or --image clip, else --clips synthetic clips that
+    training never drew (train.py's data uses the run's seed; these use seed + 1 + --seed)."""
+    resolution = train_args['resolution']
+    if args.video:
+        return load_video_clip(args.video, frames, train_args['fps'], resolution)[None]
+    if args.image:
+        return load_image_clip(args.image, frames, resolution)[None]
+    dataset = make_dataset('synthetic', frames=frames, resolution=resolution, fps=train_args['fps'], train=False,
+                           seed=train_args['seed'] + 1 + args.seed)
+    return torch.stack([dataset[i][0] for i in range(args.clips)])
+
+
+def main(argv=None):
+    args = get_args(argv)
+    encoder, predictor, decoder, train_args = load_models(args.ckpt, args.device)
+    frames = encoder.tubelet * (1 + args.rollout) if args.rollout else train_args['frames']
+    video = load_clips(args, frames, train_args).to(args.device)  # (B, 3, F, H, W)
+    noise = torch.Generator().manual_seed(args.seed)
+    if args.rollout:
+        name, one_draw, task = 'rollout', 'rollout', f"rollout of {args.rollout} slots from slot 0"
+        seed = repeat(video[:, :, :encoder.tubelet], 'b c f h w -> (b n) c f h w', n=args.samples)
+        draws = rollout(encoder, predictor, decoder, seed, args.rollout, args.steps, noise)
+        draws = rearrange(draws, '(b n) c f h w -> n b c f h w', n=args.samples)
+        videos = {'real': video}
+    else:
+        name, one_draw, task = 'generation', 'generated', 'masked next-frame generation'
+        grid = encoder.grid(video)
+        keep = first_mask(train_args, len(video), grid, args.seed, args.device)
+        draws = generate(encoder, predictor, decoder, video, keep, args.samples, args.steps, noise)
+        if keep is None:
+            videos = {'real': video, 'input (no mask)': video}
+        else:
+            videos = {'real': video, 'masked input': hide_masked(video, keep, grid, encoder.patch, encoder.tubelet)}
+    labels = [one_draw] if args.samples == 1 else [f"sample {i + 1}" for i in range(args.samples)]
+    videos.update(zip(labels, draws))  # each (B, 3, F, H, W)
+    source = os.path.basename(args.video or args.image or 'synthetic clips')
+    title = f"{source}: {task}, checkpoint step {train_args['step']}, {args.steps} Euler steps"
+    still, animation = layouts(videos, title, encoder.tubelet)
+    os.makedirs(args.out_dir, exist_ok=True)
+    paths = save(still, animation, args.out_dir, name, train_args['fps'])
+    for path in paths:
+        print(path)
+    return paths
+
+
+if __name__ == '__main__':
+    main()
