@@ -89,7 +89,8 @@ def MLP(dim, mlp_ratio):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+    """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x)). The attention is
+    self-attention, or cross-attention to `context` (keys and values only) when it is given."""
 
     def __init__(self, dim, heads, mlp_ratio):
         super().__init__()
@@ -98,8 +99,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, mlp_ratio)
 
-    def forward(self, x, pos, pattern):
-        x = x + self.attn(self.norm1(x), pos, pattern)
+    def forward(self, x, pos, pattern, context=None, context_pos=None):
+        x = x + self.attn(self.norm1(x), pos, pattern, context, context_pos)
         return x + self.mlp(self.norm2(x))
 
 

@@ -19,23 +19,8 @@ At enc_dim 1024 (ViT-L) it has about 22.1M parameters:
 import torch
 import torch.nn as nn
 
-from encoder import MLP, Attention, init_weights, positions
+from encoder import Block, init_weights, positions
 from masks import Pattern, slot_counts
-
-
-class CrossBlock(nn.Module):
-    """q = q + CrossAttn(LN(q), context), then q = q + MLP(LN(q))."""
-
-    def __init__(self, dim, heads, mlp_ratio):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = MLP(dim, mlp_ratio)
-
-    def forward(self, query, query_pos, context, context_pos, pattern):
-        query = query + self.attn(self.norm1(query), query_pos, pattern, context, context_pos)
-        return query + self.mlp(self.norm2(query))
 
 
 class Predictor(nn.Module):
@@ -45,7 +30,7 @@ class Predictor(nn.Module):
         self.context_norm = nn.LayerNorm(enc_dim)
         self.context_proj = nn.Linear(enc_dim, dim)
         self.query = nn.Parameter(torch.zeros(dim))  # zero init, shared by all targets
-        self.blocks = nn.ModuleList([CrossBlock(dim, heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio) for _ in range(depth)])  # cross-attention only
         self.norm = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, enc_dim)
         self.attn_impl = 'auto'
@@ -65,7 +50,7 @@ class Predictor(nn.Module):
         query = self.query.expand(B, len(query_pos), -1)  # (B, L, dim)
         pattern = Pattern('autoregressive', (0,) + (S,) * (T - 1), slot_counts(keep, grid), self.attn_impl)
         for block in self.blocks:
-            query = block(query, query_pos, context, context_pos, pattern)
+            query = block(query, query_pos, pattern, context, context_pos)  # q + CrossAttn(LN(q), ctx), q + MLP(LN(q))
         return self.out(self.norm(query))  # (B, L, enc_dim)
 
     def num_params(self):

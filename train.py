@@ -101,7 +101,7 @@ def get_args(argv=None):
     p.add_argument('--save_every', type=int, default=200)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = p.parse_args(argv)
-    given = {k for k, v in vars(args).items() if v not in (None, False)}
+    given = {k for k, v in vars(args).items() if v != p.get_default(k)}  # flags set on the command line
     for key, value in RECIPE[args.size].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -226,6 +226,7 @@ def plot_losses(log_path, png_path, width=640, height=360, margin=40):
     draw.text((margin, height - margin + 8), f"step {steps[0]}", fill='black')
     draw.text((width - margin - 70, height - margin + 8), f"step {steps[-1]}", fill='black')
     draw.text((margin + 4, margin + 4), f"{top:.3f}", fill='black')
+    draw.text((margin + 4, height - margin - 14), "0", fill='black')
     image.save(png_path)
 
 
@@ -329,6 +330,16 @@ def train(argv=None):
         fixed = make_dataset(args.data, frames=args.frames, resolution=args.resolution, fps=args.fps, train=False, seed=args.seed + 1)
         fixed = torch.stack([fixed[i][0] for i in range(32)])  # a fixed batch for the effective rank
 
+    def log_rank(step):  # effective rank of the reference encoder's clip features on the fixed batch
+        with torch.no_grad(), autocast:
+            features = torch.cat([ema(chunk.to(device)).mean(1) for chunk in fixed.split(args.micro_batch_size)])
+        rank_now = effective_rank(features)
+        tqdm.write(f"step {step} | effective rank of reference features {rank_now:.2f}")
+        with open(log_path, 'a') as f:
+            f.write(json.dumps(dict(step=step, effective_rank=rank_now)) + '\n')
+
+    if master and start == 0:
+        log_rank(0)
     bar = tqdm(total=end, initial=start, disable=not master, dynamic_ncols=True)
     failures, clock, clips = 0, time.time(), 0
     for first, last, frames, batch, micro in plan:
@@ -390,13 +401,9 @@ def train(argv=None):
                     with open(log_path, 'a') as f:
                         f.write(json.dumps(row) + '\n')
             if master and (done % args.save_every == 0 or done == end):
-                with torch.no_grad(), autocast:
-                    features = torch.cat([ema(chunk.to(device)).mean(1) for chunk in fixed.split(micro)])
-                rank_now = effective_rank(features)
-                bar.write(f"step {done} | effective rank of reference features {rank_now:.2f} | saved {ckpt_path}")
-                with open(log_path, 'a') as f:
-                    f.write(json.dumps(dict(step=done, effective_rank=rank_now)) + '\n')
                 save_checkpoint(ckpt_path, model, ema, optimizer, done, args)
+                log_rank(done)
+                tqdm.write(f"step {done} | saved {ckpt_path}")
     bar.close()
     if master:
         if end < args.steps:
