@@ -37,35 +37,33 @@ from encoder import SIZES, Encoder
 from masks import sample_keep
 from predictor import Predictor
 
-# Defaults per size. l/h/g follow SPEC's recipe [Table 8]; tiny, s and b are decided here.
-RECIPE = {
+# The paper's recipe [Table 8, Eq. 9], the defaults of l, h and g.
+PAPER = dict(steps=132000, batch_size=3072, micro_batch_size=16, lr=5e-4, decoder_lr=8e-4, frames=16, resolution=256,
+             cooldown_frames=64, tau_repeats=4, ema=0.99925, masks='8x0.15,2x0.7', flow_weight=0.5, align_weight=1.0,
+             predictor=dict(dim=384, depth=12, heads=12), decoder=dict(dim=384, depth=12, heads=12))
+RECIPE = {  # the smaller sizes are decided here
     # tiny: minutes on 2 CPU cores. Adapted to a run of hundreds of steps on an 8 x 8 token grid:
     #   ema 0.99        the paper's 0.99925 would leave the reference encoder near its random init
     #   masks 4x0.15,1x0.5  the paper's 8x0.15,2x0.7 keep only ~14 and ~6 of 64 positions here
     #   tau_repeats 1   each repeat costs a decoder pass; the CPU budget goes to more clips instead
-    'tiny': dict(steps=400, batch_size=16, micro_batch_size=16, lr=5e-4, decoder_lr=8e-4, frames=8,
-                 resolution=64, tau_repeats=1, ema=0.99, masks='4x0.15,1x0.5', cooldown_frames=16,
-                 predictor=dict(dim=192, depth=4, heads=3), decoder=dict(dim=192, depth=4, heads=3)),
-    's': dict(steps=20000, batch_size=256, micro_batch_size=32, lr=5e-4, decoder_lr=8e-4, frames=16,
-              resolution=128, tau_repeats=4, ema=0.99925, masks='8x0.15,2x0.7', cooldown_frames=32,
-              predictor=dict(dim=384, depth=6, heads=6), decoder=dict(dim=384, depth=6, heads=6)),
-    'b': dict(steps=60000, batch_size=1024, micro_batch_size=32, lr=5e-4, decoder_lr=8e-4, frames=16,
-              resolution=256, tau_repeats=4, ema=0.99925, masks='8x0.15,2x0.7', cooldown_frames=64,
-              predictor=dict(dim=384, depth=12, heads=12), decoder=dict(dim=384, depth=12, heads=12)),
+    'tiny': {**PAPER, 'steps': 400, 'batch_size': 16, 'frames': 8, 'resolution': 64, 'cooldown_frames': 16,
+             'tau_repeats': 1, 'ema': 0.99, 'masks': '4x0.15,1x0.5',
+             'predictor': dict(dim=192, depth=4, heads=3), 'decoder': dict(dim=192, depth=4, heads=3)},
+    's': {**PAPER, 'steps': 20000, 'batch_size': 256, 'micro_batch_size': 32, 'resolution': 128, 'cooldown_frames': 32,
+          'predictor': dict(dim=384, depth=6, heads=6), 'decoder': dict(dim=384, depth=6, heads=6)},
+    'b': {**PAPER, 'steps': 60000, 'batch_size': 1024, 'micro_batch_size': 32},
+    'l': PAPER, 'h': PAPER, 'g': PAPER,
 }
-for _name in ('l', 'h', 'g'):
-    RECIPE[_name] = dict(steps=132000, batch_size=3072, micro_batch_size=16, lr=5e-4, decoder_lr=8e-4, frames=16,
-                         resolution=256, tau_repeats=4, ema=0.99925, masks='8x0.15,2x0.7', cooldown_frames=64,
-                         predictor=dict(dim=384, depth=12, heads=12), decoder=dict(dim=384, depth=12, heads=12))
 
 # The four stages of Table 8 as shares of the run (12K, 28K, 80K, 12K of 132K steps):
 # (name, share, lr from and to as multiples of --lr, decoder lr as a multiple of --decoder_lr
-#  or None = same as the main lr, tau repeats used, longer cool-down clips)
+#  or None = same as the main lr, whether --tau_repeats applies (else 1)). The cool-down also
+# reads longer clips (see phases).
 STAGES = [
-    ('warmup', 12, 0.2, 1.0, None, True, False),    # 1e-4 -> 5e-4
-    ('stable1', 28, 1.0, 0.9, None, True, False),   # 5e-4 -> 4.5e-4
-    ('stable2', 80, 0.9, 0.2, 1.0, False, False),   # 4.5e-4 -> 1e-4, decoder 8e-4 fixed
-    ('cooldown', 12, 0.2, 0.002, 0.375, False, True),  # 1e-4 -> 1e-6, decoder 3e-4 fixed
+    ('warmup', 12, 0.2, 1.0, None, True),       # 1e-4 -> 5e-4
+    ('stable1', 28, 1.0, 0.9, None, True),      # 5e-4 -> 4.5e-4
+    ('stable2', 80, 0.9, 0.2, 1.0, False),      # 4.5e-4 -> 1e-4, decoder 8e-4 fixed
+    ('cooldown', 12, 0.2, 0.002, 0.375, False),  # 1e-4 -> 1e-6, decoder 3e-4 fixed
 ]
 RUNTIME_FLAGS = {'resume', 'stop_at', 'num_workers', 'log_every', 'save_every', 'device', 'compile', 'out_dir'}
 
@@ -90,6 +88,8 @@ def get_args(argv=None):
     p.add_argument('--no_mask', action='store_true', help='the encoder sees the whole clip (Table 4 ablation)')
     p.add_argument('--tau_repeats', type=int, help='noise/time draws per clip in the first two stages, then 1')
     p.add_argument('--ema', type=float, help='momentum of the reference encoder; 0 = the online encoder itself')
+    p.add_argument('--flow_weight', type=float, help='weight of L_flow (Eq. 9: 0.5)')
+    p.add_argument('--align_weight', type=float, help='weight of L_align (Eq. 9: 1.0)')
     p.add_argument('--dtype', choices=['fp32', 'bf16'], help='autocast precision (default: bf16 on GPU, fp32 on CPU)')
     p.add_argument('--compile', action='store_true', help='torch.compile every transformer block')
     p.add_argument('--grad_checkpointing', action='store_true', help='recompute encoder blocks in backward')
@@ -142,14 +142,13 @@ def schedule(step, args):
     """Stage, learning rates and tau repeats at `step` of the four-stage recipe."""
     total = sum(s[1] for s in STAGES)
     end = 0
-    for name, share, lr_from, lr_to, decoder, repeats, long_clips in STAGES:
+    for name, share, lr_from, lr_to, decoder, repeats in STAGES:
         start, end = end, end + share * args.steps / total
         if step < end or name == 'cooldown':
             frac = min(max((step - start) / max(end - start, 1), 0.0), 1.0)
             lr = args.lr * (lr_from + (lr_to - lr_from) * frac)
             return dict(stage=name, lr=lr, decoder_lr=lr if decoder is None else decoder * args.decoder_lr,
-                        tau_repeats=args.tau_repeats if repeats else 1, long_clips=long_clips,
-                        start=math.ceil(start))
+                        tau_repeats=args.tau_repeats if repeats else 1, start=math.ceil(start))
 
 
 def parse_masks(spec):
@@ -368,7 +367,7 @@ def train(argv=None):
                 sync = world == 1 or micro_step == accum - 1
                 with (nullcontext() if sync else trained.no_sync()), autocast:
                     flow, align = trained(video, target, keeps, now['tau_repeats'])
-                    loss = (0.5 * flow + 1.0 * align) / accum
+                    loss = (args.flow_weight * flow + args.align_weight * align) / accum
                 loss.backward()
                 flow_sum, align_sum = flow_sum + flow.detach() / accum, align_sum + align.detach() / accum
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -394,7 +393,7 @@ def train(argv=None):
                     dist.all_reduce(metrics, op=dist.ReduceOp.AVG)
                 flow_v, align_v = metrics.tolist()
                 speed, clock, clips = clips / (time.time() - clock), time.time(), 0
-                row = dict(step=done, stage=now['stage'], loss=0.5 * flow_v + align_v, flow=flow_v, align=align_v,
+                row = dict(step=done, stage=now['stage'], loss=args.flow_weight * flow_v + args.align_weight * align_v, flow=flow_v, align=align_v,
                            lr=now['lr'], decoder_lr=now['decoder_lr'], grad_norm=grad_norm.item(), clips_per_s=speed)
                 if master:
                     bar.write(' | '.join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
