@@ -190,7 +190,7 @@ def make_loader(args, frames, batch, micro, first, last, offset, rank, world):
     dataset = make_dataset(args.data, frames=frames, resolution=args.resolution, fps=args.fps, train=True, seed=args.seed)
     sampler = StepSampler(first, last, offset, batch, rank, world)
     return torch.utils.data.DataLoader(dataset, batch_size=micro, sampler=sampler, num_workers=args.num_workers,
-                                       pin_memory=args.device.startswith('cuda'), persistent_workers=False)
+                                       pin_memory=args.device.startswith("cuda"))
 
 
 # -----------------------------------------------------------------------------
