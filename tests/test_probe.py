@@ -28,8 +28,9 @@ def test_probe_learns_separable_features():
     generator = torch.Generator().manual_seed(1)
     train = probe.CachedFeatures(*toy_features(384, 4, generator), batch_size=32, shuffle=True)
     val = probe.CachedFeatures(*toy_features(256, 4, generator, views=2), batch_size=32, shuffle=False)
-    history = probe.train_probes(train, val, dim=32, classes=4, heads=4, epochs=4, device=torch.device('cpu'))
-    assert len(history) == len(probe.GRID)
+    grid = [(1e-3, 0.01), (3e-4, 0.1)]
+    history = probe.train_probes(train, val, dim=32, classes=4, heads=4, epochs=4, device=torch.device('cpu'), grid=grid)
+    assert [(record['lr'], record['weight_decay']) for record in history] == grid
     assert all(len(record['val_top1']) == 4 and len(record["train_top1"]) == 4 for record in history)
     best = max(record['val_top1'][-1] for record in history)
     assert best >= 95, history
@@ -79,7 +80,7 @@ def test_end_to_end_random_init(tmp_path, capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"top1: {result['top1']:.2f}"
     saved = json.loads(out.read_text())
     assert saved['top1'] == result['top1'] and 0 <= saved['top1'] <= 100
-    assert len(saved['probes']) == len(probe.GRID) and len(saved['probes'][0]['val_top1']) == 1
+    assert len(saved['probes']) == len(probe.PRESETS['synthetic']['grid']) and len(saved['probes'][0]['val_top1']) == 1
     assert saved['args']['frames'] == 8 and saved['args']['segments'] == 1 and saved['args']['label'] == 'direction'
 
 
@@ -125,3 +126,18 @@ def test_clear_errors(tmp_path):
     labels = probe.EncodedVideos([(torch.zeros(1), 7)], 1, 1, lambda clips: clips, classes=5, train=False, num_workers=0)
     with pytest.raises(ValueError, match='label 7 is out of range'):
         list(labels.epoch(0))
+
+
+def test_pooled_attention_equals_projected_attention():
+    torch.manual_seed(0)
+    head = probe.AttentiveProbe(dim=48, heads=4, classes=3)
+    for p in head.parameters():  # leave the init (zero biases) so biases are tested too
+        p.data.normal_(0, 0.3)
+    tokens = torch.randn(5, 17, 48)
+    normed = head.norm_tokens(tokens)  # the usual way: project every token, then attend
+    split = lambda x: rearrange(x, 'b l (h d) -> b h l d', h=4)
+    query = head.q(head.query).expand(5, 1, -1)
+    out = torch.nn.functional.scaled_dot_product_attention(split(query), split(head.k(normed)), split(head.v(normed)))
+    x = head.query + head.proj(rearrange(out, 'b h 1 d -> b (h d)'))
+    expected = head.classifier(head.norm_out(x + head.mlp(head.norm_mlp(x))))
+    torch.testing.assert_close(head(tokens), expected, atol=1e-5, rtol=1e-4)
