@@ -87,7 +87,7 @@ def main():
 
     torch.manual_seed(0)
     encoder = Encoder(**SIZES[args.size])
-    model = NextVid(encoder, Predictor(encoder.dim, **recipe['predictor']),
+    model = NextVid(encoder, Predictor(encoder.dim, depth=recipe['predictor_depth'], **recipe['predictor']),
                     Decoder(encoder.dim, encoder.tubelet * encoder.patch ** 2 * 3, **recipe['decoder'])).to(device)
     ema = deepcopy(encoder).eval().requires_grad_(False)
     for module in (encoder, model.predictor, model.decoder, ema):

@@ -40,17 +40,19 @@ from predictor import Predictor
 # The paper's recipe [Table 8, Eq. 9], the defaults of l, h and g.
 PAPER = dict(steps=132000, batch_size=3072, micro_batch_size=16, lr=5e-4, decoder_lr=8e-4, frames=16, resolution=256,
              cooldown_frames=64, tau_repeats=4, ema=0.99925, masks='8x0.15,2x0.7', flow_weight=0.5, align_weight=1.0,
-             predictor=dict(dim=384, depth=12, heads=12), decoder=dict(dim=384, depth=12, heads=12))
+             predictor_depth=12, predictor=dict(dim=384, heads=12), decoder=dict(dim=384, depth=12, heads=12))
 RECIPE = {  # the smaller sizes are decided here
     # tiny: minutes on 2 CPU cores. Adapted to a run of hundreds of steps on an 8 x 8 token grid:
     #   (ema stays the paper's 0.99925: a faster 0.99 collapsed the features sooner, README)
+    #   lr 1e-4         the paper's 5e-4 is for batch 3072; at batch 16 it collapses the online encoder (README)
+    #   predictor_depth 1   a deeper predictor does the predicting itself and the encoder only learns colour (README)
     #   masks 4x0.15,1x0.5  the paper's 8x0.15,2x0.7 keep only ~14 and ~6 of 64 positions here
     #   tau_repeats 1   each repeat costs a decoder pass; the CPU budget goes to more clips instead
-    'tiny': {**PAPER, 'steps': 400, 'batch_size': 16, 'frames': 8, 'resolution': 64, 'cooldown_frames': 16,
+    'tiny': {**PAPER, 'steps': 400, 'batch_size': 16, 'lr': 1e-4, 'frames': 8, 'resolution': 64, 'cooldown_frames': 16,
              'tau_repeats': 1, 'masks': '4x0.15,1x0.5',
-             'predictor': dict(dim=192, depth=4, heads=3), 'decoder': dict(dim=192, depth=4, heads=3)},
+             'predictor_depth': 1, 'predictor': dict(dim=192, heads=3), 'decoder': dict(dim=192, depth=4, heads=3)},
     's': {**PAPER, 'steps': 20000, 'batch_size': 256, 'micro_batch_size': 32, 'resolution': 128, 'cooldown_frames': 32,
-          'predictor': dict(dim=384, depth=6, heads=6), 'decoder': dict(dim=384, depth=6, heads=6)},
+          'predictor_depth': 6, 'predictor': dict(dim=384, heads=6), 'decoder': dict(dim=384, depth=6, heads=6)},
     'b': {**PAPER, 'steps': 60000, 'batch_size': 1024, 'micro_batch_size': 32},
     'l': PAPER, 'h': PAPER, 'g': PAPER,
 }
@@ -86,6 +88,7 @@ def get_args(argv=None):
     p.add_argument('--target', choices=['pixel'], default='pixel')
     p.add_argument('--masks', help="mask generators as blocks x scale, e.g. '8x0.15,2x0.7' (Table 8)")
     p.add_argument('--no_mask', action='store_true', help='the encoder sees the whole clip (Table 4 ablation)')
+    p.add_argument('--predictor_depth', type=int, help='cross-attention blocks of the predictor (Table 7: 12)')
     p.add_argument('--tau_repeats', type=int, help='noise/time draws per clip in the first two stages, then 1')
     p.add_argument('--ema', type=float, help='momentum of the reference encoder; 0 = the online encoder itself')
     p.add_argument('--flow_weight', type=float, help='weight of L_flow (Eq. 9: 0.5)')
@@ -105,6 +108,7 @@ def get_args(argv=None):
     for key, value in RECIPE[args.size].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    args.predictor = {**args.predictor, 'depth': args.predictor_depth}
     return args, given
 
 

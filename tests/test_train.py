@@ -40,7 +40,8 @@ def test_every_big_size_uses_the_papers_recipe():
     for size in ('l', 'h', 'g'):
         recipe = RECIPE[size]
         assert (recipe['lr'], recipe['decoder_lr'], recipe['tau_repeats'], recipe['frames'], recipe['cooldown_frames'],
-                recipe['resolution'], recipe['masks']) == (5e-4, 8e-4, 4, 16, 64, 256, '8x0.15,2x0.7')
+                recipe['resolution'], recipe['masks'], recipe['predictor_depth']) == (5e-4, 8e-4, 4, 16, 64, 256, '8x0.15,2x0.7', 12)
+        assert get_args(['--size', size])[0].predictor == dict(dim=384, depth=12, heads=12)  # Table 7's predictor
 
 
 def test_micro_batch_must_divide_the_batch(tmp_path):
