@@ -92,7 +92,7 @@ def main():
     ema = deepcopy(encoder).eval().requires_grad_(False)
     for module in (encoder, model.predictor, model.decoder, ema):
         module.attn_impl = args.attn
-    encoder.grad_checkpointing = args.grad_checkpointing
+    encoder.grad_checkpointing = model.decoder.grad_checkpointing = args.grad_checkpointing
     if args.compile:
         for block in [*encoder.blocks, *model.predictor.blocks, *model.decoder.blocks, *ema.blocks]:
             block.compile()

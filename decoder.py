@@ -22,6 +22,7 @@ import math
 import torch
 import torch.nn as nn
 from einops import rearrange
+from torch.utils.checkpoint import checkpoint
 
 from encoder import MLP, Attention, init_weights, positions
 from masks import Pattern
@@ -87,6 +88,7 @@ class Decoder(nn.Module):
         self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
         self.out = nn.Linear(dim, target_dim)
         self.attn_impl = 'auto'
+        self.grad_checkpointing = False  # recompute each block in backward (its input is G*R copies of the clip)
         self.apply(init_weights)
         for layer in [b.modulation[-1] for b in self.blocks] + [self.final_modulation[-1], self.out]:
             nn.init.zeros_(layer.weight)  # adaLN-Zero
@@ -101,7 +103,10 @@ class Decoder(nn.Module):
         pos = positions(grid).to(x.device)  # (L, 3)
         pattern = Pattern('isolated', (h * w,) * n, (h * w,) * n, self.attn_impl)
         for block in self.blocks:
-            x = block(x, cond, pos, pattern)
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(block, x, cond, pos, pattern, use_reentrant=False)
+            else:
+                x = block(x, cond, pos, pattern)
         shift, scale = self.final_modulation(cond).repeat_interleave(h * w, dim=1).chunk(2, dim=-1)
         return self.out(modulate(self.final_norm(x), shift, scale))
 

@@ -95,7 +95,7 @@ def get_args(argv=None):
     p.add_argument('--align_weight', type=float, help='weight of L_align (Eq. 9: 1.0)')
     p.add_argument('--dtype', choices=['fp32', 'bf16'], help='autocast precision (default: bf16 on GPU, fp32 on CPU)')
     p.add_argument('--compile', action='store_true', help='torch.compile every transformer block')
-    p.add_argument('--grad_checkpointing', action='store_true', help='recompute encoder blocks in backward')
+    p.add_argument('--grad_checkpointing', action='store_true', help='recompute encoder and decoder blocks in backward')
     p.add_argument('--resume', action='store_true', help='continue from out_dir/ckpt.pt with its recipe')
     p.add_argument('--stop_at', type=int, help='save and stop at this step (split a run over jobs; --resume continues)')
     p.add_argument('--seed', type=int, default=0)
@@ -316,7 +316,7 @@ def train(argv=None):
         optimizer.load_state_dict(checkpoint['optimizer'])
         start = checkpoint['step']
         del checkpoint
-    encoder.grad_checkpointing = args.grad_checkpointing
+    encoder.grad_checkpointing = decoder.grad_checkpointing = args.grad_checkpointing
     if args.compile:
         for block in [*encoder.blocks, *predictor.blocks, *decoder.blocks, *ema.blocks]:
             block.compile()  # in place: state_dict keys stay those of the raw modules

@@ -180,3 +180,29 @@ def test_gradients_from_both_losses_reach_the_encoder():
         loss.backward(retain_graph=True)
         grad = encoder.embed.weight.grad
         assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    encoder = tiny_encoder().train()
+    predictor = Predictor(48, dim=32, depth=1, heads=2)
+    decoder = Decoder(48, 384, dim=32, depth=2, heads=2)
+    torch.nn.init.normal_(decoder.out.weight, std=0.1)
+    for block in decoder.blocks:
+        torch.nn.init.normal_(block.modulation[-1].weight, std=0.1)
+    video = clip()
+    keep = sample_keep(2, GRID, 2, 0.3, generator=torch.Generator().manual_seed(0))
+    noise, tau = torch.randn(2, 48, 384), torch.rand(2, 3)
+    modules = (encoder, predictor, decoder)
+    calls = []  # forward calls of the first encoder and decoder blocks (hooks do not see recomputation)
+    for name, block in [('encoder', encoder.blocks[0]), ('decoder', decoder.blocks[0])]:
+        block.forward = lambda *args, name=name, forward=block.forward: (calls.append(name), forward(*args))[1]
+    grads = []
+    for recompute in (False, True):
+        encoder.grad_checkpointing = decoder.grad_checkpointing = recompute
+        calls.clear()
+        z = predictor(encoder(video, keep), keep, GRID)
+        loss = decoder(noise, z, tau, (3, 4, 4)).square().mean() + z.square().mean()
+        grads.append(torch.autograd.grad(loss, [p for m in modules for p in m.parameters()]))
+        assert calls.count('encoder') == calls.count('decoder') == 1 + recompute  # recomputed in backward
+    for plain, recomputed in zip(*grads):
+        assert torch.allclose(plain, recomputed, atol=1e-6)
