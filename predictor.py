@@ -47,7 +47,7 @@ class Predictor(nn.Module):
         if keep is not None:
             context_pos = context_pos[keep]  # (B, K, 3)
         query_pos = positions(grid)[S:].to(context.device)  # (L, 3), L = (T-1)*S targets
-        query = self.query.expand(B, len(query_pos), -1)  # (B, L, dim)
+        query = self.query.expand(B, len(query_pos), -1).contiguous()  # (B, L, dim), contiguous: one compiled graph for all blocks
         pattern = Pattern('autoregressive', (0,) + (S,) * (T - 1), slot_counts(keep, grid), self.attn_impl)
         for block in self.blocks:
             query = block(query, query_pos, pattern, context, context_pos)  # q + CrossAttn(LN(q), ctx), q + MLP(LN(q))

@@ -318,6 +318,9 @@ def train(argv=None):
         del checkpoint
     encoder.grad_checkpointing = decoder.grad_checkpointing = args.grad_checkpointing
     if args.compile:
+        # Block.forward compiles 4 graphs (reference, online, predictor, predictor at a new context
+        # length), and each again for the cool-down's batch: 8, dynamo's default limit. 16 leaves room.
+        torch._dynamo.config.recompile_limit = 16
         for block in [*encoder.blocks, *predictor.blocks, *decoder.blocks, *ema.blocks]:
             block.compile()  # in place: state_dict keys stay those of the raw modules
     trained = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None) if world > 1 else model
