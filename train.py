@@ -7,11 +7,11 @@ Pretrain NExT-Vid: masked, autoregressive next-frame prediction (arXiv 2512.2100
     torchrun --nproc_per_node=8 train.py --size g --grad_checkpointing --compile \\
         --data k400.txt:0.18,ssv2.txt:0.05,imagenet/train:0.25 --out_dir out_g
 
-One step: the EMA reference encoder reads the whole clip once and gives layer-normed targets;
-for each mask generator the encoder reads its copy of the masked clip, the predictor turns the
-context into a latent z_t for every token of slots 1..T-1 (aligned to the targets), and the
-decoder learns, by flow matching, to generate slot t from z_t, with tau_repeats draws of noise
-and time per clip. L = 0.5 * L_flow + 1.0 * L_align.
+One step: the EMA reference encoder reads the whole clip once (tiny: recoloured at random, not in
+the paper) and gives layer-normed targets; for each mask generator the encoder reads its copy of
+the masked clip, the predictor turns the context into a latent z_t for every token of slots
+1..T-1 (aligned to the targets), and the decoder learns, by flow matching, to generate slot t
+from z_t, with tau_repeats draws of noise and time per clip. L = 0.5 * L_flow + 1.0 * L_align.
 """
 import argparse
 import json
@@ -39,8 +39,8 @@ from predictor import Predictor
 
 # The paper's recipe [Table 8, Eq. 9], the defaults of l, h and g.
 PAPER = dict(steps=132000, batch_size=3072, micro_batch_size=16, lr=5e-4, decoder_lr=8e-4, frames=16, resolution=256,
-             cooldown_frames=64, tau_repeats=4, ema=0.99925, masks='8x0.15,2x0.7', flow_weight=0.5, align_weight=1.0,
-             predictor_depth=12, predictor=dict(dim=384, heads=12), decoder=dict(dim=384, depth=12, heads=12))
+             cooldown_frames=64, tau_repeats=4, ema=0.99925, recolour_targets=False, masks='8x0.15,2x0.7', flow_weight=0.5,
+             align_weight=1.0, predictor_depth=12, predictor=dict(dim=384, heads=12), decoder=dict(dim=384, depth=12, heads=12))
 RECIPE = {  # the smaller sizes are decided here
     # tiny: minutes on 2 CPU cores. Adapted to a run of hundreds of steps on an 8 x 8 token grid:
     #   (ema stays the paper's 0.99925: a faster 0.99 collapsed the features sooner, README)
@@ -48,8 +48,9 @@ RECIPE = {  # the smaller sizes are decided here
     #   predictor_depth 1   a deeper predictor does the predicting itself and the encoder only learns colour (README)
     #   masks 4x0.15,1x0.5  the paper's 8x0.15,2x0.7 keep only ~14 and ~6 of 64 positions here
     #   tau_repeats 1   each repeat costs a decoder pass; the CPU budget goes to more clips instead
+    #   recolour_targets  every synthetic clip has random colours, which a tiny encoder otherwise spends itself on (README)
     'tiny': {**PAPER, 'steps': 400, 'batch_size': 16, 'lr': 1e-4, 'frames': 8, 'resolution': 64, 'cooldown_frames': 16,
-             'tau_repeats': 1, 'masks': '4x0.15,1x0.5',
+             'tau_repeats': 1, 'masks': '4x0.15,1x0.5', 'recolour_targets': True,
              'predictor_depth': 1, 'predictor': dict(dim=192, heads=3), 'decoder': dict(dim=192, depth=4, heads=3)},
     's': {**PAPER, 'steps': 20000, 'batch_size': 256, 'micro_batch_size': 32, 'resolution': 128, 'cooldown_frames': 32,
           'predictor_depth': 6, 'predictor': dict(dim=384, heads=6), 'decoder': dict(dim=384, depth=6, heads=6)},
@@ -91,6 +92,8 @@ def get_args(argv=None):
     p.add_argument('--predictor_depth', type=int, help='cross-attention blocks of the predictor (Table 7: 12)')
     p.add_argument('--tau_repeats', type=int, help='noise/time draws per clip in the first two stages, then 1')
     p.add_argument('--ema', type=float, help='momentum of the reference encoder; 0 = the online encoder itself')
+    p.add_argument('--recolour_targets', action=argparse.BooleanOptionalAction,
+                   help='the reference encoder reads each clip with its colour channels permuted and negated at random')
     p.add_argument('--flow_weight', type=float, help='weight of L_flow (Eq. 9: 0.5)')
     p.add_argument('--align_weight', type=float, help='weight of L_align (Eq. 9: 1.0)')
     p.add_argument('--dtype', choices=['fp32', 'bf16'], help='autocast precision (default: bf16 on GPU, fp32 on CPU)')
@@ -140,6 +143,16 @@ class NextVid(nn.Module):
         x_tau = (1 - tau_token) * x0 + tau_token * x1
         flow = F.mse_loss(self.decoder(x_tau, z, tau, (T - 1, h, w)).float(), x1 - x0)
         return flow, align
+
+
+def recolour(video):
+    """One of the 48 permutations and sign flips of the colour channels per clip, drawn from the
+    global RNG: (B, 3, F, H, W) in [-1, 1] -> the same. Not in the paper: a target that does not
+    know the clip's colours can only be predicted from what the colours leave alone (shape, motion)."""
+    B = len(video)
+    perm = torch.stack([torch.randperm(3) for _ in range(B)]).to(video.device)  # (B, 3)
+    sign = (torch.randint(0, 2, (B, 3, 1, 1, 1), device=video.device) * 2 - 1).to(video.dtype)
+    return torch.gather(video, 1, perm[:, :, None, None, None].expand_as(video)) * sign
 
 
 def schedule(step, args):
@@ -366,7 +379,7 @@ def train(argv=None):
             for micro_step in range(accum):
                 video = next(loader)[0].to(device, non_blocking=True)  # (b, 3, F, H, W)
                 with torch.no_grad(), autocast:
-                    target = ema(video).float()
+                    target = ema(recolour(video) if args.recolour_targets else video).float()
                     target = F.layer_norm(target, target.shape[-1:])  # (b, N, D), parameter-free
                 grid = encoder.grid(video)
                 keeps = [None] if args.no_mask else [sample_keep(len(video), grid, n, s, generator=mask_rng).to(device)
