@@ -24,9 +24,9 @@ import torch.nn.functional as F
 
 from decoder import Decoder
 from encoder import SIZES, Encoder
-from masks import Pattern, sample_keep
+from masks import Pattern, parse_masks, sample_keep
 from predictor import Predictor
-from train import RECIPE, NextVid, param_groups, parse_masks
+from train import RECIPE, NextVid, param_groups
 
 PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'L40S': 362.0}  # dense bf16 tensor cores
 

@@ -82,6 +82,14 @@ def sample_keep(batch, grid, num_blocks, scale, aspect=(0.75, 1.5), generator=No
     return rearrange(keep, 'b t k -> b (t k)')
 
 
+def parse_masks(spec):
+    """The --masks flag, '8x0.15,2x0.7': one (blocks, scale) pair per mask generator."""
+    try:
+        return [(int(b), float(s)) for b, s in (g.split('x') for g in spec.split(','))]
+    except ValueError:
+        raise SystemExit(f"--masks {spec!r}: expected blocks x scale pairs, e.g. '8x0.15,2x0.7'")
+
+
 def slot_counts(keep, grid):
     """How many of the tokens `keep` (B, K) (None: all) fall in each slot of a (T, h, w) grid.
     Every sample keeps the same count per slot, so the first row speaks for the batch."""

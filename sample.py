@@ -29,9 +29,8 @@ from PIL import Image, ImageDraw
 from data import load_image_clip, load_video_clip, make_dataset
 from decoder import Decoder, patchify, unpatchify
 from encoder import Encoder
-from masks import sample_keep
+from masks import parse_masks, sample_keep
 from predictor import Predictor
-from train import parse_masks
 
 DISPLAY = 128  # frames are upscaled (nearest) by the largest whole factor that keeps them <= this, at least 1
 LABEL_WIDTH, HEADER, GAP, GROUP_GAP = 90, 16, 2, 10  # pixels: row labels, text lines, between cells, between clips

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from data import make_dataset
 from decoder import Decoder, patchify
 from encoder import SIZES, Encoder
-from masks import sample_keep
+from masks import parse_masks, sample_keep
 from predictor import Predictor
 
 # The paper's recipe [Table 8, Eq. 9], the defaults of l, h and g.
@@ -166,13 +166,6 @@ def schedule(step, args):
             lr = args.lr * (lr_from + (lr_to - lr_from) * frac)
             return dict(stage=name, lr=lr, decoder_lr=lr if decoder is None else decoder * args.decoder_lr,
                         tau_repeats=args.tau_repeats if repeats else 1, start=math.ceil(start))
-
-
-def parse_masks(spec):
-    try:
-        return [(int(b), float(s)) for b, s in (g.split('x') for g in spec.split(','))]
-    except ValueError:
-        raise SystemExit(f"--masks {spec!r}: expected blocks x scale pairs, e.g. '8x0.15,2x0.7'")
 
 
 def effective_rank(features):

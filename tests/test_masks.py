@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from masks import Pattern, attend, block_size, draw_mask, sample_keep, slot_counts
+from masks import Pattern, attend, block_size, draw_mask, parse_masks, sample_keep, slot_counts
 
 
 def test_patterns_for_three_slots_of_one_token():
@@ -50,6 +50,13 @@ def test_fast_paths_equal_explicit_matrix(reference, impl, device):
     grads_dense = torch.autograd.grad(out_dense.square().sum(), (q, k, v))
     for a, b in zip(grads_fast, grads_dense):
         assert torch.allclose(a, b, atol=tol)
+
+
+def test_parse_masks_reads_generators_and_rejects_typos():
+    assert parse_masks('8x0.15,2x0.7') == [(8, 0.15), (2, 0.7)]
+    for bad in ['8x0.15;2x0.7', '8*0.15', 'x0.7', '8x']:
+        with pytest.raises(SystemExit, match='blocks x scale'):
+            parse_masks(bad)
 
 
 def test_block_size_covers_the_scale():
