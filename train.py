@@ -48,7 +48,8 @@ RECIPE = {  # the smaller sizes are decided here
     #   predictor_depth 1   a deeper predictor does the predicting itself and the encoder only learns colour (README)
     #   masks 4x0.15,1x0.5  the paper's 8x0.15,2x0.7 keep only ~14 and ~6 of 64 positions here
     #   tau_repeats 1   each repeat costs a decoder pass; the CPU budget goes to more clips instead
-    #   recolour_targets  every synthetic clip has random colours, which a tiny encoder otherwise spends itself on (README)
+    #   recolour_targets  every synthetic clip has random colours, which a tiny encoder otherwise spends itself on
+    #                     (README; at size s the same flag took the probes to chance, so it stays tiny's)
     'tiny': {**PAPER, 'steps': 400, 'batch_size': 16, 'lr': 1e-4, 'frames': 8, 'resolution': 64, 'cooldown_frames': 16,
              'tau_repeats': 1, 'masks': '4x0.15,1x0.5', 'recolour_targets': True,
              'predictor_depth': 1, 'predictor': dict(dim=192, heads=3), 'decoder': dict(dim=192, depth=4, heads=3)},
