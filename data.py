@@ -359,11 +359,11 @@ def list_files(name):
 
 
 def make_dataset(spec, *, frames, resolution, fps, train, seed, segments=None, views=None, label='direction',
-                 distractors=2):
+                 distractors=2, camera_motion=0.0):
     """The Dataset for a --data spec (see SPEC_HELP). Item i is a pure function of (seed, i) and is
     (clip, label): clip (3, F, R, R), or (views, segments, 3, F, R, R) when segments or views is
     given; label an int (-1 for unlabeled videos; `label` picks the synthetic one, and
-    `distractors` sets the synthetic clips' extra moving objects)."""
+    `distractors` and `camera_motion` set the synthetic clips' extra moving objects and pan)."""
     sources, weights = [], []
     for part in spec.split(','):
         name, colon, weight = part.strip().rpartition(':')
@@ -371,7 +371,7 @@ def make_dataset(spec, *, frames, resolution, fps, train, seed, segments=None, v
         if not re.fullmatch(r'\d+\.?\d*|\.\d+', weight) or float(weight) == 0:
             raise ValueError(f'bad weight in {part!r} (want a positive number)\n{SPEC_HELP}')
         if name == 'synthetic':
-            sources.append(SyntheticClips(frames, resolution, seed, label, distractors, segments=segments, views=views))
+            sources.append(SyntheticClips(frames, resolution, seed, label, distractors, camera_motion, segments, views))
         else:
             sources.append(FileClips(list_files(name), frames, resolution, fps, train, seed, segments, views))
         weights.append(float(weight))

@@ -87,6 +87,8 @@ def get_args(argv=None):
                    'same factor (paper: 16 -> 64 frames, 3072 -> 768 clips; tiny and s: 2x the frames)')
     p.add_argument('--resolution', type=int)
     p.add_argument('--fps', type=float, default=4.0, help='frame rate sampled from videos')
+    p.add_argument('--distractors', type=int, default=2, help='synthetic clips: extra moving objects per training clip')
+    p.add_argument('--camera_motion', type=float, default=0.0, help='synthetic clips: background pan, px per frame at 64 px')
     p.add_argument('--target', choices=['pixel'], default='pixel')
     p.add_argument('--masks', help="mask generators as blocks x scale, e.g. '8x0.15,2x0.7' (Table 8)")
     p.add_argument('--no_mask', action='store_true', help='the encoder sees the whole clip (Table 4 ablation)')
@@ -109,6 +111,9 @@ def get_args(argv=None):
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = p.parse_args(argv)
     given = {k for k, v in vars(args).items() if v != p.get_default(k)}  # flags set on the command line
+    sources = {part.split(':')[0].strip() for part in args.data.split(',')}
+    if given & {'distractors', 'camera_motion'} and 'synthetic' not in sources:
+        p.error('--distractors and --camera_motion change the built-in synthetic clips; --data has none')
     for key, value in RECIPE[args.size].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -198,7 +203,8 @@ class StepSampler(torch.utils.data.Sampler):
 
 
 def make_loader(args, frames, batch, micro, first, last, offset, rank, world):
-    dataset = make_dataset(args.data, frames=frames, resolution=args.resolution, fps=args.fps, train=True, seed=args.seed)
+    dataset = make_dataset(args.data, frames=frames, resolution=args.resolution, fps=args.fps, train=True, seed=args.seed,
+                           distractors=args.distractors, camera_motion=args.camera_motion)
     sampler = StepSampler(first, last, offset, batch, rank, world)
     return torch.utils.data.DataLoader(dataset, batch_size=micro, sampler=sampler, num_workers=args.num_workers,
                                        pin_memory=args.device.startswith("cuda"))
@@ -341,7 +347,8 @@ def train(argv=None):
               f"decoder {decoder.num_params() / 1e6:.1f}M | {world} rank(s) on {device}, {args.dtype} | "
               f"steps {start} -> {end} of {args.steps}")
         fixed = make_dataset(args.data, frames=args.frames, resolution=args.resolution, fps=args.fps, train=False, seed=args.seed + 1)
-        fixed = torch.stack([fixed[i][0] for i in range(32)])  # a fixed batch for the effective rank
+        fixed = torch.stack([fixed[i][0] for i in range(32)])  # a fixed batch for the effective rank (default clips:
+        # the same for every run of a seed, whatever --distractors and --camera_motion, so ranks compare)
 
     def log_rank(step):  # effective rank of the reference encoder's clip features on the fixed batch
         with torch.no_grad(), autocast:

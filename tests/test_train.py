@@ -66,6 +66,17 @@ def test_reference_reads_recoloured_clips_only_when_asked(tmp_path, monkeypatch)
     assert not calls
 
 
+def test_synthetic_clip_flags_change_the_training_clips_only(tmp_path, monkeypatch):
+    made, real = [], train.make_dataset
+    monkeypatch.setattr(train, 'make_dataset', lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    train.train(SMALL + ['--steps', '2', '--distractors', '0', '--camera_motion', '1.5', '--out_dir', str(tmp_path)])
+    rank_clips, training = made[0], made[1:]
+    assert (rank_clips.distractors, rank_clips.camera_motion) == (2, 0.0)  # the default clips: ranks compare
+    assert training and all((d.distractors, d.camera_motion) == (0, 1.5) for d in training)
+    with pytest.raises(SystemExit):  # no synthetic clips to change
+        get_args(['--data', str(tmp_path), '--distractors', '0'])
+
+
 def test_micro_batch_must_divide_the_batch(tmp_path):
     with pytest.raises(SystemExit, match='micro'):
         train.train(SMALL + ['--steps', '2', '--micro_batch_size', '3', '--out_dir', str(tmp_path)])
