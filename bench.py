@@ -22,11 +22,9 @@ from copy import deepcopy
 import torch
 import torch.nn.functional as F
 
-from decoder import Decoder
-from encoder import SIZES, Encoder
+from encoder import SIZES
 from masks import Pattern, parse_masks, sample_keep
-from predictor import Predictor
-from train import RECIPE, NextVid, param_groups
+from nextvid import RECIPE, NextVid
 
 PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'L40S': 362.0}  # dense bf16 tensor cores
 
@@ -86,9 +84,8 @@ def main():
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.dtype == 'bf16')
 
     torch.manual_seed(0)
-    encoder = Encoder(**SIZES[args.size])
-    model = NextVid(encoder, Predictor(encoder.dim, depth=recipe['predictor_depth'], **recipe['predictor']),
-                    Decoder(encoder.dim, encoder.tubelet * encoder.patch ** 2 * 3, **recipe['decoder'])).to(device)
+    model = NextVid.build(args.size, **recipe).to(device)
+    encoder = model.encoder
     ema = deepcopy(encoder).eval().requires_grad_(False)
     for module in (encoder, model.predictor, model.decoder, ema):
         module.attn_impl = args.attn
@@ -96,7 +93,7 @@ def main():
     if args.compile:
         for block in [*encoder.blocks, *model.predictor.blocks, *model.decoder.blocks, *ema.blocks]:
             block.compile()
-    optimizer = torch.optim.AdamW(param_groups(model), lr=1e-4, betas=(0.9, 0.95), fused=device.type == 'cuda')
+    optimizer = torch.optim.AdamW(model.param_groups(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == 'cuda')
     ema_params, online_params = list(ema.parameters()), list(encoder.parameters())
 
     video = torch.randn(micro, 3, recipe['frames'], recipe['resolution'], recipe['resolution'], device=device)

@@ -2,13 +2,22 @@
 Flow-matching decoder G: a small DiT that generates each next frame (NExT-Vid Sec. 3.3, Table 7).
 
 Given the predictor's latent z_t for every token of slot t and a noisy target
-x_tau = (1 - tau) x0 + tau x1 (x0 noise, x1 the slot's pixels), the decoder predicts the
-velocity v = x1 - x0. Its input per token is the channel concatenation [z_t, x_tau] (same
-slot, same position) -> Linear -> width 384. Blocks are DiT blocks with adaLN-Zero: the
-timestep embedding of 1000 * tau gives shift, scale and gate for attention and MLP, and the
-modulation and output layers start at zero, so every block starts as the identity and the
-first velocity is 0. Attention is frame-isolated: slot t's tokens see only slot t, so the
-decoder cannot copy from other frames and must rely on z_t.
+x_tau = (1 - tau) x0 + tau x1 (x0 noise, x1 the slot's pixels), the decoder gives the
+velocity v = x1 - x0, and the loss regresses it (Eq. 7). Its input per token is the channel
+concatenation [z_t, x_tau] (same slot, same position) -> Linear -> width 384. Blocks are DiT
+blocks with adaLN-Zero: the timestep embedding of 1000 * tau gives shift, scale and gate for
+attention and MLP, and the modulation and output layers start at zero, so every block starts
+as the identity. Attention is frame-isolated: slot t's tokens see only slot t, so the decoder
+cannot copy from other frames and must rely on z_t.
+
+Parameterisation, the one difference from the paper (which regresses v with the network's
+output directly, prediction='v'): with prediction='x' the network outputs the clean target
+x_hat and the velocity follows as v_hat = (x_hat - x_tau) / max(1 - tau, 0.05), the loss's
+target being (x1 - x_tau) / max(1 - tau, 0.05) (JiT: Li & He, "Back to Basics: Let Denoising
+Generative Models Denoise", 2025). Why: a token's target (384 values at tiny, 1536 at s..g) is
+far wider than the network (192, 384); clean frames lie near a low-dimensional manifold and
+noise does not, so a narrow network can output the first and not the velocity (at tiny, v
+gives colour noise, README). The clamp keeps v_hat finite as tau -> 1.
 
 Sampling (`euler`): integrate the velocity from tau = 0 (noise) to tau = 1 (data).
 
@@ -21,7 +30,7 @@ import math
 
 import torch
 import torch.nn as nn
-from einops import rearrange
+from einops import rearrange, repeat
 from torch.utils.checkpoint import checkpoint
 
 from encoder import MLP, Attention, init_weights, positions
@@ -79,8 +88,11 @@ class DiTBlock(nn.Module):
 
 class Decoder(nn.Module):
 
-    def __init__(self, enc_dim, target_dim, dim=384, depth=12, heads=12, mlp_ratio=4.0):
+    def __init__(self, enc_dim, target_dim, dim=384, depth=12, heads=12, mlp_ratio=4.0, prediction='v'):
         super().__init__()
+        if prediction not in ('x', 'v'):
+            raise ValueError(f"prediction must be 'x' (clean target) or 'v' (velocity), not {prediction!r}")
+        self.prediction = prediction
         self.embed = nn.Linear(enc_dim + target_dim, dim)
         self.time = TimestepEmbedder(dim)
         self.blocks = nn.ModuleList([DiTBlock(dim, heads, mlp_ratio) for _ in range(depth)])
@@ -97,6 +109,20 @@ class Decoder(nn.Module):
     def forward(self, x_tau, z, tau, grid):
         """x_tau (B, L, target_dim), z (B, L, enc_dim), tau (B, n) one value per slot,
         grid (n, h, w) with L = n*h*w. Returns the velocity (B, L, target_dim)."""
+        out = self.network(x_tau, z, tau, grid)
+        if self.prediction == 'v':
+            return out
+        return to_velocity(out, x_tau, repeat(tau, 'b n -> b (n s) 1', s=grid[1] * grid[2]))
+
+    def flow_target(self, x0, x1, tau):
+        """What forward() regresses: v = x1 - x0 for 'v'; JiT's (x1 - x_tau) / max(1 - tau, 0.05) for
+        'x', the same v wherever 1 - tau >= 0.05. x0, x1 (B, L, target_dim), tau (B, L, 1)."""
+        if self.prediction == 'v':
+            return x1 - x0
+        return to_velocity(x1, (1 - tau) * x0 + tau * x1, tau)
+
+    def network(self, x_tau, z, tau, grid):
+        """The transformer's own output (B, L, target_dim): x_hat for 'x', the velocity for 'v'."""
         n, h, w = grid
         x = self.embed(torch.cat([z, x_tau], dim=-1))  # (B, L, dim)
         cond = self.time(tau)  # (B, n, dim): one tau per slot, modulating that slot's tokens
@@ -120,6 +146,11 @@ class Decoder(nn.Module):
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
+
+
+def to_velocity(x_hat, x_tau, tau, min_gap=0.05):
+    """The velocity that reaches x_hat from x_tau at time tau: (x_hat - x_tau) / max(1 - tau, 0.05) (JiT)."""
+    return (x_hat - x_tau) / (1 - tau).clamp_min(min_gap)
 
 
 def euler(velocity, noise, steps):

@@ -28,9 +28,9 @@ from einops import rearrange, repeat
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-import train
 from data import make_dataset
 from encoder import MLP, SIZES, Encoder, init_weights
+from nextvid import RECIPE
 
 # Table 10, and `synthetic` sized for a CPU (the tiny encoder at 8 x 64 x 64 in a few minutes).
 # frames / fps None: the values the encoder was pretrained with.
@@ -104,7 +104,7 @@ def load_encoder(args):
         args.size = args.size or 'tiny'
         torch.manual_seed(args.seed)
         encoder = Encoder(**SIZES[args.size])
-        pretraining = vars(train.get_args(['--size', args.size])[0])  # train.py's recipe for that size
+        pretraining = RECIPE[args.size]  # what train.py would pretrain that size with
     else:
         if not os.path.isfile(args.ckpt):
             raise SystemExit(f'no checkpoint at {args.ckpt}: make one with `python train.py` (it writes out/ckpt.pt), '

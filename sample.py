@@ -27,10 +27,9 @@ from einops import rearrange, repeat
 from PIL import Image, ImageDraw
 
 from data import load_image_clip, load_video_clip, make_dataset
-from decoder import Decoder, patchify, unpatchify
-from encoder import Encoder
+from decoder import patchify, unpatchify
 from masks import parse_masks, sample_keep
-from predictor import Predictor
+from nextvid import NextVid, format_scores, generate, next_frame_scores
 
 DISPLAY = 128  # frames are upscaled (nearest) by the largest whole factor that keeps them <= this, at least 1
 LABEL_WIDTH, HEADER, GAP, GROUP_GAP = 90, 16, 2, 10  # pixels: row labels, text lines, between cells, between clips
@@ -61,11 +60,10 @@ def load_models(path, device):
     if not os.path.exists(path):
         raise SystemExit(f"no checkpoint at {path}: make one with `python train.py` (or point --ckpt at one)")
     checkpoint = torch.load(path, map_location='cpu', weights_only=False)
-    train_args = checkpoint['args']
+    train_args = {'prediction': 'v', 'tau_sampling': 'uniform', **checkpoint['args']}  # runs before --prediction were v
     with torch.device('meta'):  # no time spent on a random init that the checkpoint overwrites
-        encoder = Encoder(**checkpoint['encoder_config'])
-        predictor = Predictor(encoder.dim, **train_args['predictor'])
-        decoder = Decoder(encoder.dim, encoder.tubelet * encoder.patch ** 2 * 3, **train_args['decoder'])
+        model = NextVid.build(**train_args, encoder_config=checkpoint['encoder_config'])
+    encoder, predictor, decoder = model.encoder, model.predictor, model.decoder
     for name, module in [('encoder', encoder), ('predictor', predictor), ('decoder', decoder)]:
         module.load_state_dict(checkpoint[name], assign=True)  # the online encoder: the predictor learned on its context
         module.to(device).eval()
@@ -86,19 +84,6 @@ def hide_masked(video, keep, grid, patch, tubelet):
     tokens = patchify(video, patch, tubelet)  # (B, N, P)
     seen = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=video.device).scatter_(1, keep, True)
     return unpatchify(tokens * seen[..., None], grid, patch, tubelet)
-
-
-@torch.no_grad()
-def generate(encoder, predictor, decoder, video, keep, samples, steps, generator):
-    """Slots 1..T-1 of video (B, 3, F, H, W) generated from its (masked) context, `samples` draws from
-    different noise: (samples, B, 3, F, H, W), slot 0 (context only) left grey."""
-    T, h, w = grid = encoder.grid(video)
-    z = predictor(encoder(video, keep), keep, grid)  # (B, (T-1)*h*w, D)
-    z = repeat(z, 'b l d -> (n b) l d', n=samples)  # one noise draw per copy
-    tokens = decoder.sample(z, (T - 1, h, w), steps, generator)  # (samples*B, (T-1)*h*w, P)
-    frames = unpatchify(tokens, (T - 1, h, w), encoder.patch, encoder.tubelet).clamp(-1, 1)  # (samples*B, 3, F-2, H, W)
-    blank = torch.zeros_like(frames[:, :, :encoder.tubelet])
-    return rearrange(torch.cat([blank, frames], dim=2), '(n b) c f h w -> n b c f h w', n=samples)
 
 
 @torch.no_grad()
@@ -218,7 +203,14 @@ def main(argv=None):
         name, one_draw, task = 'generation', 'generated', 'masked next-frame generation'
         grid = encoder.grid(video)
         keep = first_mask(train_args, len(video), grid, args.seed, args.device)
-        draws = generate(encoder, predictor, decoder, video, keep, args.samples, args.steps, noise)
+        tokens = generate(encoder, predictor, decoder, video, keep, args.steps, noise, args.samples)  # (n*B, L, P)
+        T, h, w = grid
+        frames = unpatchify(tokens, (T - 1, h, w), encoder.patch, encoder.tubelet)  # (n*B, 3, F-2, H, W)
+        frames = torch.cat([torch.zeros_like(frames[:, :, :encoder.tubelet]), frames], dim=2)  # slot 0 grey: context only
+        draws = rearrange(frames, '(n b) c f h w -> n b c f h w', n=args.samples)
+        scores = next_frame_scores(encoder, predictor, decoder, video, keep, args.steps, noise,
+                                   generated=tokens[:len(video)])  # the first draw
+        print(f"{len(video)} clip(s), {format_scores(scores)}")
         if keep is None:
             videos = {'real': video, 'input (no mask)': video}
         else:

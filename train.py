@@ -24,40 +24,15 @@ from copy import deepcopy
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
-from einops import repeat
 from PIL import Image, ImageDraw
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import make_dataset
-from decoder import Decoder, patchify
-from encoder import SIZES, Encoder
+from encoder import SIZES
 from masks import parse_masks, sample_keep
-from predictor import Predictor
-
-# The paper's recipe [Table 8, Eq. 9], the defaults of l, h and g.
-PAPER = dict(steps=132000, batch_size=3072, micro_batch_size=16, lr=5e-4, decoder_lr=8e-4, frames=16, resolution=256,
-             cooldown_frames=64, tau_repeats=4, ema=0.99925, recolour_targets=False, masks='8x0.15,2x0.7', flow_weight=0.5,
-             align_weight=1.0, predictor_depth=12, predictor=dict(dim=384, heads=12), decoder=dict(dim=384, depth=12, heads=12))
-RECIPE = {  # the smaller sizes are decided here
-    # tiny: minutes on 2 CPU cores. Adapted to a run of hundreds of steps on an 8 x 8 token grid:
-    #   (ema stays the paper's 0.99925: a faster 0.99 collapsed the features sooner, README)
-    #   lr 1e-4         the paper's 5e-4 is for batch 3072; at batch 16 it collapses the online encoder (README)
-    #   predictor_depth 1   a deeper predictor does the predicting itself and the encoder only learns colour (README)
-    #   masks 4x0.15,1x0.5  the paper's 8x0.15,2x0.7 keep only ~14 and ~6 of 64 positions here
-    #   tau_repeats 1   each repeat costs a decoder pass; the CPU budget goes to more clips instead
-    #   recolour_targets  every synthetic clip has random colours, which a tiny encoder otherwise spends itself on
-    #                     (README; at size s the same flag took the probes to chance, so it stays tiny's)
-    'tiny': {**PAPER, 'steps': 400, 'batch_size': 16, 'lr': 1e-4, 'frames': 8, 'resolution': 64, 'cooldown_frames': 16,
-             'tau_repeats': 1, 'masks': '4x0.15,1x0.5', 'recolour_targets': True,
-             'predictor_depth': 1, 'predictor': dict(dim=192, heads=3), 'decoder': dict(dim=192, depth=4, heads=3)},
-    's': {**PAPER, 'steps': 20000, 'batch_size': 256, 'micro_batch_size': 32, 'resolution': 128, 'cooldown_frames': 32,
-          'predictor_depth': 6, 'predictor': dict(dim=384, heads=6), 'decoder': dict(dim=384, depth=6, heads=6)},
-    'b': {**PAPER, 'steps': 60000, 'batch_size': 1024, 'micro_batch_size': 32},
-    'l': PAPER, 'h': PAPER, 'g': PAPER,
-}
+from nextvid import RECIPE, NextVid, format_scores, next_frame_scores, recolour
 
 # The four stages of Table 8 as shares of the run (12K, 28K, 80K, 12K of 132K steps):
 # (name, share, lr from and to as multiples of --lr, decoder lr as a multiple of --decoder_lr
@@ -86,7 +61,7 @@ def get_args(argv=None):
     p.add_argument('--cooldown_frames', type=int, help='frames per clip in the cool-down; the batch shrinks by the '
                    'same factor (paper: 16 -> 64 frames, 3072 -> 768 clips; tiny and s: 2x the frames)')
     p.add_argument('--resolution', type=int)
-    p.add_argument('--fps', type=float, default=4.0, help='frame rate sampled from videos')
+    p.add_argument('--fps', type=float, help='frame rate sampled from videos')
     p.add_argument('--distractors', type=int, default=2, help='synthetic clips: extra moving objects per training clip')
     p.add_argument('--camera_motion', type=float, default=0.0, help='synthetic clips: background pan, px per frame at 64 px')
     p.add_argument('--target', choices=['pixel'], default='pixel')
@@ -97,6 +72,8 @@ def get_args(argv=None):
     p.add_argument('--ema', type=float, help='momentum of the reference encoder; 0 = the online encoder itself')
     p.add_argument('--recolour_targets', action=argparse.BooleanOptionalAction,
                    help='the reference encoder reads each clip with its colour channels permuted and negated at random')
+    p.add_argument('--prediction', choices=['x', 'v'], help='the decoder outputs the clean target (x, JiT) or the velocity (v)')
+    p.add_argument('--tau_sampling', choices=['uniform', 'logit_normal'], help='flow times: U(0, 1), or sigmoid(N(-0.8, 0.8))')
     p.add_argument('--flow_weight', type=float, help='weight of L_flow (Eq. 9: 0.5)')
     p.add_argument('--align_weight', type=float, help='weight of L_align (Eq. 9: 1.0)')
     p.add_argument('--dtype', choices=['fp32', 'bf16'], help='autocast precision (default: bf16 on GPU, fp32 on CPU)')
@@ -117,48 +94,11 @@ def get_args(argv=None):
     for key, value in RECIPE[args.size].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    args.predictor = {**args.predictor, 'depth': args.predictor_depth}
     return args, given
 
 
 # -----------------------------------------------------------------------------
 # the objective
-
-
-class NextVid(nn.Module):
-    """The three trained pieces and the objective: returns (L_flow, L_align) for a batch."""
-
-    def __init__(self, encoder, predictor, decoder):
-        super().__init__()
-        self.encoder, self.predictor, self.decoder = encoder, predictor, decoder
-
-    def forward(self, video, target, keeps, tau_repeats):
-        """video (B, 3, F, H, W); target (B, N, D) reference features; keeps: one (B, K) index
-        tensor per mask generator (None = unmasked)."""
-        T, h, w = grid = self.encoder.grid(video)
-        S = h * w
-        z = torch.cat([self.predictor(self.encoder(video, keep), keep, grid) for keep in keeps])  # (G*B, L, D)
-        align = F.mse_loss(z.float(), target[:, S:].repeat(len(keeps), 1, 1))
-        # flow matching, tau_repeats fresh (noise, tau) per decoder input (MAR's trick)
-        x1 = patchify(video, self.encoder.patch, self.encoder.tubelet)[:, S:]  # (B, L, P) slots 1..T-1
-        x1 = x1.repeat(len(keeps) * tau_repeats, 1, 1)  # (R*G*B, L, P)
-        z = z.repeat(tau_repeats, 1, 1)
-        x0 = torch.randn_like(x1)
-        tau = torch.rand(x1.shape[0], T - 1, device=x1.device)  # one per sample, slot and repeat
-        tau_token = repeat(tau, 'b n -> b (n s) 1', s=S)
-        x_tau = (1 - tau_token) * x0 + tau_token * x1
-        flow = F.mse_loss(self.decoder(x_tau, z, tau, (T - 1, h, w)).float(), x1 - x0)
-        return flow, align
-
-
-def recolour(video):
-    """One of the 48 permutations and sign flips of the colour channels per clip, drawn from the
-    global RNG: (B, 3, F, H, W) in [-1, 1] -> the same. Not in the paper: a target that does not
-    know the clip's colours can only be predicted from what the colours leave alone (shape, motion)."""
-    B = len(video)
-    perm = torch.stack([torch.randperm(3) for _ in range(B)]).to(video.device)  # (B, 3)
-    sign = (torch.randint(0, 2, (B, 3, 1, 1, 1), device=video.device) * 2 - 1).to(video.dtype)
-    return torch.gather(video, 1, perm[:, :, None, None, None].expand_as(video)) * sign
 
 
 def schedule(step, args):
@@ -277,16 +217,6 @@ def load_resume(args, given):
     return checkpoint
 
 
-def param_groups(model):
-    """Weight decay 0.04 on matrices; none on norms, biases and the query token (all 1-D)."""
-    groups = []
-    for name, modules in [('main', [model.encoder, model.predictor]), ('decoder', [model.decoder])]:
-        params = [p for m in modules for p in m.parameters()]
-        groups.append(dict(params=[p for p in params if p.ndim >= 2], weight_decay=0.04, name=name))
-        groups.append(dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0, name=name))
-    return groups
-
-
 def phases(args, world):
     """(first step, last step, frames, global batch, micro batch) before and in the cool-down."""
     factor = args.cooldown_frames / args.frames
@@ -315,12 +245,10 @@ def train(argv=None):
     autocast = torch.autocast(device.type, torch.bfloat16) if args.dtype == 'bf16' else nullcontext()
 
     torch.manual_seed(args.seed)
-    encoder = Encoder(**SIZES[args.size])
-    predictor = Predictor(encoder.dim, **args.predictor)
-    decoder = Decoder(encoder.dim, encoder.tubelet * encoder.patch ** 2 * 3, **args.decoder)
-    model = NextVid(encoder, predictor, decoder).to(device)
+    model = NextVid.build(**vars(args)).to(device)
+    encoder, predictor, decoder = model.encoder, model.predictor, model.decoder
     ema = deepcopy(encoder).eval().requires_grad_(False)  # the reference encoder, synced at start
-    optimizer = torch.optim.AdamW(param_groups(model), lr=args.lr, betas=(0.9, 0.95), fused=device.type == 'cuda')
+    optimizer = torch.optim.AdamW(model.param_groups(), lr=args.lr, betas=(0.9, 0.95), fused=device.type == 'cuda')
     start = 0
     if checkpoint:
         for name in ('encoder', 'predictor', 'decoder'):
@@ -347,19 +275,27 @@ def train(argv=None):
               f"decoder {decoder.num_params() / 1e6:.1f}M | {world} rank(s) on {device}, {args.dtype} | "
               f"steps {start} -> {end} of {args.steps}")
         fixed = make_dataset(args.data, frames=args.frames, resolution=args.resolution, fps=args.fps, train=False, seed=args.seed + 1)
-        fixed = torch.stack([fixed[i][0] for i in range(32)])  # a fixed batch for the effective rank (default clips:
-        # the same for every run of a seed, whatever --distractors and --camera_motion, so ranks compare)
+        fixed = torch.stack([fixed[i][0] for i in range(32)])  # a fixed batch for evaluate() (default clips: the
+        # same for every run of a seed, whatever --distractors and --camera_motion, so ranks and PSNRs compare)
 
-    def log_rank(step):  # effective rank of the reference encoder's clip features on the fixed batch
+    def evaluate(step):  # on the fixed batch: the reference features' effective rank, next-frame generation's PSNR
         with torch.no_grad(), autocast:
             features = torch.cat([ema(chunk.to(device)).mean(1) for chunk in fixed.split(args.micro_batch_size)])
+            keep = None if args.no_mask else sample_keep(len(fixed), encoder.grid(fixed), *masks[0],
+                                                         generator=torch.Generator().manual_seed(args.seed)).to(device)
+            scores = next_frame_scores(encoder, predictor, decoder, fixed.to(device), keep, steps=50,  # sample.py's default
+                                       generator=torch.Generator().manual_seed(args.seed), chunk=args.micro_batch_size)
         rank_now = effective_rank(features)
-        tqdm.write(f"step {step} | effective rank of reference features {rank_now:.2f}")
+        tqdm.write(f"step {step} | effective rank of reference features {rank_now:.2f} | {format_scores(scores)}")
+        row = dict(step=step, effective_rank=rank_now)
+        for name, (all_pixels, masked) in scores.items():
+            key = 'psnr_' + name.replace(' ', '_')
+            row[key], row[key + '_masked'] = all_pixels, masked
         with open(log_path, 'a') as f:
-            f.write(json.dumps(dict(step=step, effective_rank=rank_now)) + '\n')
+            f.write(json.dumps(row) + '\n')
 
     if master and start == 0:
-        log_rank(0)
+        evaluate(0)
     bar = tqdm(total=end, initial=start, disable=not master, dynamic_ncols=True)
     failures, clock, clips = 0, time.time(), 0
     for first, last, frames, batch, micro in plan:
@@ -422,7 +358,7 @@ def train(argv=None):
                         f.write(json.dumps(row) + '\n')
             if master and (done % args.save_every == 0 or done == end):
                 save_checkpoint(ckpt_path, model, ema, optimizer, done, args)
-                log_rank(done)
+                evaluate(done)
                 tqdm.write(f"step {done} | saved {ckpt_path}")
     bar.close()
     if master:

@@ -8,7 +8,7 @@ from decoder import Decoder
 from encoder import Encoder
 from masks import sample_keep
 from predictor import Predictor
-from train import NextVid
+from nextvid import NextVid
 
 
 def math_attention(q, k, v, attn_mask=None):

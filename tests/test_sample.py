@@ -10,9 +10,7 @@ from PIL import Image
 import sample
 import train
 from data import load_image_clip, make_dataset
-from decoder import Decoder
-from encoder import SIZES, Encoder
-from predictor import Predictor
+from nextvid import NextVid
 
 FRAMES, RESOLUTION = 8, 64  # the tiny recipe's clips
 
@@ -23,11 +21,9 @@ def ckpt(tmp_path_factory):
     path = str(tmp_path_factory.mktemp('run') / 'ckpt.pt')
     args, _ = train.get_args([])
     torch.manual_seed(0)
-    encoder = Encoder(**SIZES[args.size])
-    predictor = Predictor(encoder.dim, **args.predictor)
-    decoder = Decoder(encoder.dim, encoder.tubelet * encoder.patch ** 2 * 3, **args.decoder)
-    model = train.NextVid(encoder, predictor, decoder)
-    train.save_checkpoint(path, model, deepcopy(encoder), torch.optim.AdamW(model.parameters()), 0, args)
+    model = NextVid.build(**vars(args))
+    torch.nn.init.normal_(model.decoder.out.weight, std=0.02)  # off adaLN-Zero's start: an x_hat of 0 would make every slot alike
+    train.save_checkpoint(path, model, deepcopy(model.encoder), torch.optim.AdamW(model.parameters()), 0, args)
     return path
 
 
@@ -106,3 +102,21 @@ def test_rollout_placeholder_has_no_influence(ckpt):
 def test_missing_checkpoint_says_how_to_make_one(tmp_path):
     with pytest.raises(SystemExit, match='python train.py'):
         sample.main(['--ckpt', str(tmp_path / 'none.pt'), '--out_dir', str(tmp_path)])
+
+
+def test_sample_uses_the_checkpoints_parameterisation(ckpt, tmp_path):
+    checkpoint = torch.load(ckpt, weights_only=False)
+    assert (checkpoint['args']['prediction'], checkpoint['args']['tau_sampling']) == ('x', 'uniform')  # tiny's default, recorded
+    assert sample.load_models(ckpt, 'cpu')[2].prediction == 'x'
+    checkpoint['args']['prediction'] = 'v'
+    torch.save(checkpoint, tmp_path / 'v.pt')
+    assert sample.load_models(str(tmp_path / 'v.pt'), 'cpu')[2].prediction == 'v'
+    del checkpoint['args']['prediction']  # a run from before --prediction: it was a velocity decoder
+    torch.save(checkpoint, tmp_path / 'old.pt')
+    assert sample.load_models(str(tmp_path / 'old.pt'), 'cpu')[2].prediction == 'v'
+
+
+def test_generation_prints_the_next_frame_scores(ckpt, tmp_path, capsys):
+    sample.main(['--ckpt', ckpt, '--out_dir', str(tmp_path), '--clips', '2', '--steps', '2'])
+    line = next(line for line in capsys.readouterr().out.splitlines() if 'PSNR' in line)
+    assert line.startswith('2 clip(s), next-frame PSNR') and all(name in line for name in ('generated', 'copy', 'mean colour'))

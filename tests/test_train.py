@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import train
-from train import RECIPE, get_args, phases, schedule
+from nextvid import RECIPE
+from train import get_args, phases, schedule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a tiny run: 4 frames of 48 x 48 (2 slots of 6 x 6 tokens), 2 micro-batches per step
@@ -41,7 +42,8 @@ def test_every_big_size_uses_the_papers_recipe():
         recipe = RECIPE[size]
         assert (recipe['lr'], recipe['decoder_lr'], recipe['tau_repeats'], recipe['frames'], recipe['cooldown_frames'],
                 recipe['resolution'], recipe['masks'], recipe['predictor_depth']) == (5e-4, 8e-4, 4, 16, 64, 256, '8x0.15,2x0.7', 12)
-        assert get_args(['--size', size])[0].predictor == dict(dim=384, depth=12, heads=12)  # Table 7's predictor
+        args = get_args(['--size', size])[0]
+        assert (args.predictor, args.predictor_depth) == (dict(dim=384, heads=12), 12)  # Table 7's predictor
         assert not recipe['recolour_targets']  # not in the paper
 
 
@@ -105,6 +107,13 @@ def test_loss_goes_down(tmp_path):
     train.train(SMALL + ['--steps', '30', '--lr', '1e-3', '--no-recolour_targets', '--out_dir', str(tmp_path)])
     curve = [loss for loss, _, _ in losses(str(tmp_path)).values()]
     assert sum(curve[-5:]) / 5 < 0.8 * sum(curve[:5]) / 5
+    # every save scores next-frame generation on the fixed batch, next to the two baselines
+    scores = [r for r in map(json.loads, open(tmp_path / 'log.jsonl')) if 'psnr_generated' in r]
+    assert [r['step'] for r in scores] == [0, 30]
+    for key in ('psnr_generated', 'psnr_copy', 'psnr_mean_colour'):
+        assert all(5 < r[key] < 60 and 5 < r[key + '_masked'] < 60 for r in scores), key
+    assert scores[0]['psnr_copy'] == scores[1]['psnr_copy']  # the same clips, mask and noise at every save
+    assert scores[1]['psnr_generated'] != scores[0]['psnr_generated']
 
 
 def test_non_finite_loss_skips_then_stops(tmp_path, monkeypatch):

@@ -1,0 +1,108 @@
+"""The decoder's x-parameterisation, flow times, and the next-frame PSNR with its baselines."""
+import math
+
+import pytest
+import torch
+
+from decoder import Decoder, patchify
+from encoder import Encoder
+from nextvid import NextVid, next_frame_scores, sample_tau
+
+GRID = (3, 2, 2)  # three slots of a 2 x 2 token grid
+L = 3 * 4
+
+
+def x_decoder(exact_x=None):
+    """An x-predicting decoder whose network, when exact_x is given, returns exactly that clean target."""
+    torch.manual_seed(0)
+    decoder = Decoder(16, 12, dim=32, depth=1, heads=2, prediction='x')
+    if exact_x is not None:
+        decoder.network = lambda x_tau, z, tau, grid: exact_x
+    return decoder
+
+
+def test_exact_x_estimate_gives_the_exact_velocity():
+    x0, x1, z = torch.randn(2, L, 12), torch.randn(2, L, 12), torch.randn(2, L, 16)
+    tau = torch.tensor([[0.0, 0.5, 0.9], [0.2, 0.7, 0.95]])  # 1 - tau >= 0.05: the clamp is not reached
+    tau_token = tau.repeat_interleave(4, dim=1)[..., None]  # (2, L, 1)
+    x_tau = (1 - tau_token) * x0 + tau_token * x1
+    velocity = x_decoder(exact_x=x1)(x_tau, z, tau, GRID)
+    assert torch.allclose(velocity, x1 - x0, atol=1e-5)
+    assert torch.allclose(velocity, x_decoder().flow_target(x0, x1, tau_token), atol=1e-5)  # what the loss regresses
+
+
+def test_the_clamp_keeps_the_velocity_finite_at_tau_1():
+    x0, x1, z = torch.randn(2, L, 12), torch.randn(2, L, 12), torch.randn(2, L, 16)
+    tau = torch.ones(2, 3)
+    velocity = x_decoder()(x1, z, tau, GRID)  # x_tau = x1 at tau = 1
+    target = x_decoder().flow_target(x0, x1, torch.ones(2, L, 1))
+    assert torch.isfinite(velocity).all() and torch.isfinite(target).all()
+    assert torch.equal(target, torch.zeros_like(target))  # the path has arrived: nothing left to move
+    assert velocity.abs().max() > 0  # an untrained x_hat (0) is off the target, and the velocity says so
+
+
+def test_euler_with_an_exact_x_predictor_recovers_the_target():
+    target = torch.randn(2, L, 12)
+    generated = x_decoder(exact_x=target).sample(torch.randn(2, L, 16), GRID, steps=10, generator=torch.Generator())
+    assert torch.allclose(generated, target, atol=1e-5)
+
+
+def test_v_prediction_is_the_network_output_itself():
+    decoder = Decoder(16, 12, dim=32, depth=1, heads=2, prediction='v')
+    out = torch.randn(2, L, 12)
+    decoder.network = lambda x_tau, z, tau, grid: out
+    assert torch.equal(decoder(torch.randn(2, L, 12), torch.randn(2, L, 16), torch.rand(2, 3), GRID), out)
+    with pytest.raises(ValueError, match='prediction'):
+        Decoder(16, 12, prediction='eps')
+
+
+def test_logit_normal_tau_follows_jit():
+    tau = sample_tau((200000,), 'logit_normal', 'cpu')
+    logit = torch.log(tau / (1 - tau))
+    assert abs(logit.mean() + 0.8) < 0.01 and abs(logit.std() - 0.8) < 0.01
+    assert (tau < 0.5).float().mean() > 0.8  # most draws nearer the noise
+    uniform = sample_tau((200000,), 'uniform', 'cpu')
+    assert abs(uniform.mean() - 0.5) < 0.01 and uniform.min() >= 0 and uniform.max() < 1
+
+
+def test_objective_has_no_flow_loss_for_an_exact_x_predictor():
+    torch.manual_seed(0)
+    model = NextVid.build('tiny', dict(dim=32, heads=2), 1, dict(dim=32, depth=1, heads=2), 'x', 'uniform',
+                          encoder_config=dict(dim=32, depth=1, heads=2, patch=8))
+    video = torch.rand(2, 3, 4, 16, 16) * 2 - 1  # 2 slots of 2 x 2 tokens
+    x1 = patchify(video, 8)[:, 4:]  # slot 1, the decoder's target
+    for offset, zero in [(0.0, True), (0.1, False)]:
+        model.decoder.network = lambda x_tau, z, tau, grid: x1.repeat(2, 1, 1) + offset  # 2 repeats
+        flow, _ = model(video, torch.randn(2, 8, 32), [None], tau_repeats=2)
+        assert (flow.item() < 1e-10) == zero, flow
+
+
+def hand_made_clip():
+    """Two slots (4 frames) of 16 x 16 pixels, 2 x 2 tokens of patch 8. Every pixel of token p of slot t
+    has value v[t][p] + 0.1 * channel."""
+    v = [[0.2, 0.4, -0.6, 0.8], [0.3, 0.4, 0.0, 1.0]]
+    video = torch.zeros(1, 3, 4, 16, 16)
+    for t in range(2):
+        for p in range(4):
+            y, x = divmod(p, 2)
+            for c in range(3):
+                video[0, c, 2 * t:2 * t + 2, 8 * y:8 * y + 8, 8 * x:8 * x + 8] = v[t][p] + 0.1 * c
+    return video, v
+
+
+def test_psnr_and_both_baselines_on_a_hand_made_clip():
+    video, v = hand_made_clip()
+    encoder = Encoder(dim=48, depth=1, heads=2, patch=8)  # only its patch and tubelet are used here
+    keep = torch.tensor([[0, 1, 4, 5]])  # positions 0 and 1 seen in both slots; 2 and 3 masked
+    generated = patchify(video, 8)[:, 4:] + 0.1  # slot 1, off by 0.1 everywhere
+    scores = next_frame_scores(encoder, None, None, video, keep, steps=1, generator=None, generated=generated)
+    db = lambda errors: 10 * math.log10(4 / (sum(errors) / len(errors)))
+    assert scores['generated'] == pytest.approx((db([0.01]), db([0.01])))
+    # copy: slot 0 where seen, the mean of slot 0's seen pixels (0.3 + 0.1 c) where masked
+    copy = [(v[0][0] - v[1][0]) ** 2, (v[0][1] - v[1][1]) ** 2, (0.3 - v[1][2]) ** 2, (0.3 - v[1][3]) ** 2]
+    assert scores['copy'] == pytest.approx((db(copy), db(copy[2:])))
+    mean = sum(v[0] + v[1]) / 8  # each channel's mean over the clip
+    flat = [(mean - value) ** 2 for value in v[1]]
+    assert scores['mean colour'] == pytest.approx((db(flat), db(flat[2:])))
+    unmasked = next_frame_scores(encoder, None, None, video, None, steps=1, generator=None, generated=generated)
+    assert unmasked['copy'] == (pytest.approx(db([(a - b) ** 2 for a, b in zip(*v)])), None)
