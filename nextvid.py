@@ -25,7 +25,7 @@ from predictor import Predictor
 # where tiny measured it failing (README); tau uniform as in the paper, JiT's logit-normal an option.
 PAPER = dict(steps=132000, batch_size=3072, micro_batch_size=16, lr=5e-4, decoder_lr=8e-4, frames=16, resolution=256, fps=4.0,
              cooldown_frames=64, tau_repeats=4, ema=0.99925, recolour_targets=False, masks='8x0.15,2x0.7', flow_weight=0.5,
-             align_weight=1.0, prediction='x', tau_sampling='uniform', predictor_depth=12,
+             align_weight=1.0, predictor_lr_scale=1.0, prediction='x', tau_sampling='uniform', predictor_depth=12,
              predictor=dict(dim=384, heads=12), decoder=dict(dim=384, depth=12, heads=12))
 RECIPE = {  # the smaller sizes are decided here
     # tiny: minutes on 2 CPU cores. Adapted to a run of hundreds of steps on an 8 x 8 token grid:
@@ -94,8 +94,8 @@ class NextVid(nn.Module):
     def param_groups(self):
         """Weight decay 0.04 on matrices; none on norms, biases and the query token (all 1-D)."""
         groups = []
-        for name, modules in [('main', [self.encoder, self.predictor]), ('decoder', [self.decoder])]:
-            params = [p for m in modules for p in m.parameters()]
+        for name, module in [('encoder', self.encoder), ('predictor', self.predictor), ('decoder', self.decoder)]:
+            params = list(module.parameters())
             groups.append(dict(params=[p for p in params if p.ndim >= 2], weight_decay=0.04, name=name))
             groups.append(dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0, name=name))
         return groups

@@ -56,6 +56,7 @@ def get_args(argv=None):
     p.add_argument('--batch_size', type=int, help='global batch in clips (all ranks, all accumulation steps)')
     p.add_argument('--micro_batch_size', type=int, help='clips per rank per forward; accumulation is derived')
     p.add_argument('--lr', type=float, help='peak lr; warm-up starts at 0.2x, cool-down ends at 0.002x (Table 8)')
+    p.add_argument('--predictor_lr_scale', type=float, help="the predictor's lr as a multiple of the encoder's (paper: 1)")
     p.add_argument('--decoder_lr', type=float, help='decoder lr in stable 2; 0.375x of it in the cool-down')
     p.add_argument('--frames', type=int, help='frames per clip (2 per slot)')
     p.add_argument('--cooldown_frames', type=int, help='frames per clip in the cool-down; the batch shrinks by the '
@@ -190,6 +191,15 @@ def plot_losses(log_path, png_path, width=640, height=360, margin=40):
 # training
 
 
+def check_data(args):
+    """The --data spec and every file it lists, checked before anything is built (at g on 8 GPUs,
+    minutes): a bad spec or a missing file exits with its message alone, on every rank."""
+    try:
+        make_dataset(args.data, frames=args.frames, resolution=args.resolution, fps=args.fps, train=True, seed=args.seed)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"--data {args.data}: {error}")
+
+
 def setup_distributed(args):
     """DDP from torchrun's environment: nccl on CUDA, gloo on CPU. Returns (rank, world)."""
     if int(os.environ.get('RANK', -1)) == -1:
@@ -217,12 +227,16 @@ def load_resume(args, given):
     return checkpoint
 
 
-def phases(args, world):
-    """(first step, last step, frames, global batch, micro batch) before and in the cool-down."""
+def phases(args, world, derive_micro=False):
+    """(first step, last step, frames, global batch, micro batch) before and in the cool-down. With
+    derive_micro (no --micro_batch_size given), each phase takes the largest micro-batch up to the
+    recipe's that splits its batch evenly over the ranks."""
     factor = args.cooldown_frames / args.frames
     cool = (args.cooldown_frames, int(args.batch_size / factor), max(1, int(args.micro_batch_size / factor)))
     result = []
     for frames, batch, micro in [(args.frames, args.batch_size, args.micro_batch_size), cool]:
+        if derive_micro and batch % world == 0:
+            micro = max(m for m in range(1, micro + 1) if (batch // world) % m == 0)
         if batch < 1 or batch % (micro * world):
             raise SystemExit(f"batch of {batch} clips does not divide into micro-batches of {micro} on {world} "
                              f"rank(s) (frames {frames}); choose --batch_size a multiple of micro_batch_size x ranks")
@@ -236,11 +250,12 @@ def train(argv=None):
     rank, world = setup_distributed(args)
     master = rank == 0
     checkpoint = load_resume(args, given) if args.resume else None
+    check_data(args)
     if args.num_workers is None:
         args.num_workers = 8 if args.device.startswith('cuda') else 0
     args.dtype = args.dtype or ('bf16' if args.device.startswith('cuda') else 'fp32')
     masks = parse_masks(args.masks)
-    plan = phases(args, world)
+    plan = phases(args, world, derive_micro='micro_batch_size' not in given)
     device = torch.device(args.device)
     autocast = torch.autocast(device.type, torch.bfloat16) if args.dtype == 'bf16' else nullcontext()
 
@@ -308,7 +323,8 @@ def train(argv=None):
         for step in range(begin, min(last, end)):
             now = schedule(step, args)
             for group in optimizer.param_groups:
-                group['lr'] = now['decoder_lr'] if group['name'] == 'decoder' else now['lr']
+                scale = args.predictor_lr_scale if group['name'] == 'predictor' else 1.0
+                group['lr'] = now['decoder_lr'] if group['name'] == 'decoder' else now['lr'] * scale
             # RNG state is a function of (seed, step, rank), so a resumed run draws what an uninterrupted one would
             torch.manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
             mask_rng = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + rank + 1)

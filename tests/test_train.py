@@ -84,6 +84,26 @@ def test_micro_batch_must_divide_the_batch(tmp_path):
         train.train(SMALL + ['--steps', '2', '--micro_batch_size', '3', '--out_dir', str(tmp_path)])
 
 
+def test_micro_batch_is_derived_when_not_given():
+    args, given = get_args([])  # tiny: batch 16, micro-batch 16; the cool-down 8 clips of twice the frames
+    assert [phase[3:] for phase in phases(args, 2, derive_micro=True)] == [(16, 8), (8, 4)]
+    assert [phase[3:] for phase in phases(args, 1, derive_micro=True)] == [(16, 16), (8, 8)]
+    with pytest.raises(SystemExit, match='micro-batches of 16 on 2'):  # one the user chose is kept, and checked
+        phases(args, 2, derive_micro=False)
+    with pytest.raises(SystemExit, match='16 clips'):  # no micro-batch splits 16 clips over 3 ranks
+        phases(args, 3, derive_micro=True)
+
+
+@pytest.mark.parametrize('spec, message', [('nothing_here.txt', 'nothing_here.txt'), ('synthetic:x', 'bad weight'),
+                                           ('list.txt', 'missing')])
+def test_bad_data_stops_before_the_models_are_built(tmp_path, monkeypatch, capsys, spec, message):
+    (tmp_path / 'list.txt').write_text('a.mp4 0\nb.mp4 1\n')
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train.NextVid, 'build', lambda *a, **k: pytest.fail('built the models before checking --data'))
+    with pytest.raises(SystemExit, match=message):
+        train.train(['--data', spec, '--out_dir', str(tmp_path / 'out')])
+
+
 def test_resumed_run_matches_uninterrupted_run(tmp_path):
     whole, split = str(tmp_path / 'whole'), str(tmp_path / 'split')
     train.train(SMALL + ['--steps', '12', '--out_dir', whole])
@@ -127,11 +147,12 @@ def test_non_finite_loss_skips_then_stops(tmp_path, monkeypatch):
 
 def test_torchrun_two_ranks_on_cpu(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
-           *SMALL, '--steps', '3', '--out_dir', str(tmp_path), '--save_every', '3']
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',  # the
+           '--frames', '4', '--cooldown_frames', '8', '--resolution', '48', '--steps', '3', '--out_dir', str(tmp_path)]
+    # recipe's batch (16) and micro-batch (16, so 8 per rank, then 4 in the cool-down)
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(losses(str(tmp_path))) == [1, 2, 3]
     checkpoint = torch.load(os.path.join(str(tmp_path), 'ckpt.pt'), weights_only=False)
     assert not any(k.startswith('module.') for k in checkpoint['encoder'])  # the raw module, not DDP's wrapper
-    assert checkpoint['step'] == 3 and checkpoint['args']['batch_size'] == 4
+    assert checkpoint['step'] == 3 and checkpoint['args']['batch_size'] == 16
