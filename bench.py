@@ -12,16 +12,32 @@ prints one JSON line. Model FLOPs per clip come from the formula in `flops_per_c
 count 2 FLOPs per multiply-add; attention counts only the (query, key) pairs its pattern allows;
 trained modules cost 3x their forward (forward + backward), the reference encoder 1x.
 tests/test_bench.py checks the formula against torch's FlopCounterMode.
+
+With --data, the data loader alone instead: the clips train.py would read for that --data (the
+size's frames, resolution and fps, training crops), read here in one process with one torch thread,
+as one DataLoader worker does, so the JSON line's clips_per_s is per worker process:
+
+    python bench.py --data k400/train.txt --size s --clips 50      # clips/s of one worker
+    python bench.py --data /tmp/long.mp4 --size s                  # ms per clip at start, middle, end
+    python bench.py --data /tmp/long.mp4 --size s --no_seek        # the same, decoding from the start
+
+A single video file is no --data spec; given one, bench.py times --clips clips (decode and crop)
+at each of its start, middle and end, to show what a clip costs deep into a long video.
 """
 import argparse
+import functools
 import json
 import resource
 import time
 from copy import deepcopy
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
+import data
 from encoder import SIZES
 from masks import Pattern, parse_masks, sample_keep
 from nextvid import RECIPE, NextVid
@@ -66,6 +82,37 @@ def flops_per_clip(encoder, predictor, decoder, grid, kept, tau_repeats):
     return total
 
 
+def bench_loader(args, recipe):
+    """One JSON line: clips/s of reading --data's training clips, or ms per clip at the start, middle
+    and end of one video file; `fallbacks` counts reads that could not seek."""
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    if args.no_seek:
+        data.read_video = functools.partial(data.read_video, seek=False)
+    frames, resolution, fps = recipe['frames'], recipe['resolution'], recipe['fps']
+    result = dict(data=args.data, size=args.size, frames=frames, resolution=resolution, fps=fps, seek=not args.no_seek)
+    if Path(args.data).suffix.lower() in data.VIDEO_SUFFIXES:
+        rng = np.random.default_rng(0)
+
+        def clip(place):
+            pixels = torch.from_numpy(data.read_video(args.data, frames, fps, [place])[0])
+            return data.random_crop_flip(rearrange(pixels, 'f h w c -> c f h w'), resolution, rng)
+        clip(0.0)  # warm-up: the file in the page cache
+        for name, place in (('start', 0.0), ('middle', 0.5), ('end', 1.0)):
+            start = time.perf_counter()
+            for _ in range(args.clips):
+                clip(place)
+            result[f'{name}_ms_per_clip'] = round(1000 * (time.perf_counter() - start) / args.clips, 1)
+    else:  # as train.py's make_loader, with num_workers=0 and no batching
+        dataset = data.make_dataset(args.data, frames=frames, resolution=resolution, fps=fps, train=True, seed=0)
+        dataset[0]  # warm-up
+        start = time.perf_counter()
+        for i in range(1, args.clips + 1):
+            dataset[i]
+        seconds = (time.perf_counter() - start) / args.clips
+        result.update(clips=args.clips, ms_per_clip=round(1000 * seconds, 1), clips_per_s=round(1 / seconds, 2))
+    print(json.dumps(dict(result, fallbacks=data.fallbacks)))
+
+
 def main():
     p = argparse.ArgumentParser(description='Benchmark NExT-Vid training steps.')
     p.add_argument('--size', choices=list(SIZES), default='tiny')
@@ -77,8 +124,13 @@ def main():
     p.add_argument('--steps', type=int, default=5, help='timed steps, after 2 warm-up steps')
     p.add_argument('--peak_tflops', type=float, help="the device's peak, for MFU on a device not in PEAK_TFLOPS")
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--data', help="time the loader on train.py's --data, or one video file (docstring), not steps")
+    p.add_argument('--clips', type=int, default=10, help='--data: clips timed (per position, for one video file)')
+    p.add_argument('--no_seek', action='store_true', help='--data: decode videos from the start, as before seeking')
     args = p.parse_args()
     recipe = RECIPE[args.size]
+    if args.data:
+        return bench_loader(args, recipe)
     micro = args.micro_batch_size or recipe['micro_batch_size']
     device = torch.device(args.device)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.dtype == 'bf16')

@@ -1,4 +1,5 @@
 """Tests for data.py: synthetic clips, video lists, image folders, mixes and bad input (CPU, seconds)."""
+import fractions
 import re
 import sys
 import warnings
@@ -8,6 +9,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from einops import rearrange
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -236,6 +238,122 @@ def test_mostly_unreadable_data_raises(tmp_path):
         warnings.simplefilter('ignore')
         with pytest.raises(RuntimeError, match='could not be decoded'):
             dataset[0]
+
+
+# ---------------------------------------------------------------- seeking
+
+def old_read_video(path, frames, fps, places):
+    """data.read_video before it seeked, verbatim but for the errors: the reference it must match."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        source_fps = float(stream.average_rate or 30)
+        step = max(source_fps / fps, 1.0)  # source frames between two sampled frames
+        span = round((frames - 1) * step) + 1  # source frames one clip covers
+        length = stream.frames or max(1, round((container.duration or 0) / av.time_base * source_fps))
+        starts = np.round(np.asarray(places) * max(length - span, 0))
+        wanted = (starts[:, None] + np.round(np.arange(frames) * step)).astype(int)  # (clips, F)
+        needed, last, frame, decoded = set(wanted.flat), wanted.max(), None, {}  # index -> (h, w, 3)
+        for index, frame in enumerate(container.decode(stream)):
+            if index in needed:
+                decoded[index] = frame.to_ndarray(format='rgb24')
+            if index == last:
+                break
+        else:  # the video ended before the last needed frame: those repeat its final frame
+            decoded[index] = frame.to_ndarray(format='rgb24')
+    final = max(decoded)
+    pictures = np.stack([decoded[min(index, final)] for index in wanted.flat])
+    return rearrange(pictures, '(s f) h w c -> s f h w c', s=len(places))
+
+
+def write_coded_video(path, n_frames, gop, codec='libx264', times_ms=None, fmt=None):
+    """Random pixels (every frame different) at 24 fps, a keyframe every `gop` frames (None: only
+    the first). libx264 makes closed GOPs with B-frames, mpeg4 with B-frames open GOPs (B-frames
+    after a keyframe in decode order, shown before it). times_ms: presentation times, for a
+    variable frame rate."""
+    rng = np.random.default_rng(n_frames)
+    with av.open(str(path), 'w', format=fmt) as container:
+        every = gop or 10 ** 6
+        options = {'x264-params': f'keyint={every}:min-keyint={every}:scenecut=0'} if codec == 'libx264' else {}
+        stream = container.add_stream(codec, rate=24, options=options)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, 'yuv420p'
+        if codec == 'mpeg4':
+            stream.codec_context.gop_size, stream.codec_context.max_b_frames = every, 2
+        if times_ms is not None:
+            stream.codec_context.time_base = fractions.Fraction(1, 1000)
+        for t in range(n_frames):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8), format='rgb24')
+            if times_ms is not None:
+                frame.pts, frame.time_base = int(times_ms[t]), fractions.Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+# (frames, fps) at 24 fps: every 4th frame, every frame, and a clip longer than the 96-frame video
+CLIP_SHAPES = [(8, 6), (16, 24), (40, 6)]
+PLACES = [[0.0], [0.5], [1.0], [0.05, 0.5, 0.95]]
+
+
+def assert_same_as_decoding_from_start(path):
+    before = data.fallbacks
+    for frames, fps in CLIP_SHAPES:
+        for places in PLACES:
+            new, old = data.read_video(path, frames, fps, places), old_read_video(path, frames, fps, places)
+            assert new.dtype == old.dtype == np.uint8 and new.shape == old.shape == (len(places), frames, 48, 64, 3)
+            for clip in range(len(places)):
+                for t in range(frames):  # frame by frame, for a readable failure
+                    assert np.array_equal(new[clip, t], old[clip, t]), (path.name, frames, fps, places, clip, t)
+            assert np.array_equal(data.read_video(path, frames, fps, places, seek=False), old)
+    assert data.fallbacks == before, f'{path.name} did not seek'
+
+
+@pytest.mark.parametrize('name, codec, gop', [
+    ('every_frame_key.mp4', 'libx264', 1), ('gop12.mp4', 'libx264', 12), ('one_key.mp4', 'libx264', None),
+    ('gop12.mkv', 'libx264', 12), ('open_gop.mp4', 'mpeg4', 12), ('open_gop.avi', 'mpeg4', 12)])
+def test_seeking_gives_the_frames_of_decoding_from_the_start(tmp_path, name, codec, gop):
+    assert_same_as_decoding_from_start(write_coded_video(tmp_path / name, 96, gop, codec))
+
+
+@pytest.mark.parametrize('suffix', ['.mkv', '.mp4'])
+def test_seeking_counts_frames_at_a_variable_frame_rate(tmp_path, suffix):
+    gaps = np.random.default_rng(0).choice([10, 33, 41, 90], 96)  # ms between frames
+    path = write_coded_video(tmp_path / f'vfr{suffix}', 96, 12, times_ms=np.cumsum(gaps))
+    with av.open(str(path)) as container:
+        times = sorted(packet.pts for packet in container.demux(video=0) if packet.size)
+    if len(set(np.diff(times))) < 3:
+        pytest.skip(f'{suffix} did not keep the irregular timestamps')
+    assert_same_as_decoding_from_start(path)
+
+
+def test_seeking_decodes_from_the_keyframe_before_the_clip(tmp_path, monkeypatch):
+    path = write_coded_video(tmp_path / 'long.mp4', 240, 12)
+    decoded, frames_from = [], data.frames_from
+
+    def counting(*args):
+        for frame in frames_from(*args):
+            decoded.append(frame.pts)
+            yield frame
+    monkeypatch.setattr(data, 'frames_from', counting)
+    data.read_video(path, 8, 6, [1.0])  # 29 frames (every 4th of them) at the end of 240
+    assert 29 <= len(decoded) <= 29 + 11
+
+
+def test_unseekable_files_are_decoded_from_the_start_silently(tmp_path, monkeypatch):
+    raw = write_coded_video(tmp_path / 'raw.h264', 96, 12, fmt='h264')  # no timestamps to seek by
+    before = data.fallbacks
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert np.array_equal(data.read_video(raw, 8, 6, [0.5, 1.0]), old_read_video(raw, 8, 6, [0.5, 1.0]))
+    assert data.fallbacks == before + 1
+    path = write_coded_video(tmp_path / 'a.mp4', 96, 12)
+
+    def refuse(*args):
+        raise av.FFmpegError(1, 'Operation not permitted')  # as from a container that cannot seek
+    monkeypatch.setattr(data, 'frames_from', refuse)
+    assert np.array_equal(data.read_video(path, 8, 6, [1.0]), old_read_video(path, 8, 6, [1.0]))
+    assert data.fallbacks == before + 2
 
 
 # ---------------------------------------------------------------- images, mixes and specs
