@@ -4,6 +4,8 @@ Attentive probe on a frozen NExT-Vid encoder (SPEC section 4, Table 10).
     python probe.py --ckpt out/ckpt.pt                  # synthetic clips, direction of motion, CPU minutes
     python probe.py --ckpt out/ckpt.pt --label shape    # the appearance label instead
     python probe.py --random_init --size tiny           # a random encoder: the baseline for every result
+    python probe.py --pixels --size tiny --label shape      # the floor: no encoder, raw tubelets
+    python probe.py --supervised --size tiny --label shape  # the ceiling: the encoder trained on the labels
     python probe.py --ckpt out_l/ckpt.pt --preset k400 --train k400_train.txt --val k400_val.txt
 
 A video gives `segments` clips spread over its length; each is encoded on its own and their tokens
@@ -13,7 +15,15 @@ averages its softmax over `views` spatial crops. One probe per (lr, weight decay
 the same features (the encoder runs once per batch), and the best by validation top-1 at the last
 epoch is reported. Without augmentation (synthetic clips, or --cache) features are computed once
 and kept in memory, so epochs only run the probes. Prints `top1: <percent>` last and writes every
-probe's curves and the arguments to a JSON file (--out, default next to the checkpoint).
+probe's curves, the arguments and the mode (frozen, pixels or supervised) to a JSON file (--out,
+default next to the checkpoint).
+
+--pixels, the floor: no encoder; each 2 x p x p x 3 tubelet (p: the checkpoint's patch, or --size's)
+through one fixed random linear map (seeded) to the encoder's width, tokens shaped as the encoder's.
+--supervised, the ceiling at this budget: that architecture from random init (seeded) trained end to
+end with one probe (AdamW, the grid's first lr and weight decay, a tenth of that lr for the encoder),
+validated as above after every epoch. A backward pass per clip per epoch is slow, so on synthetic
+clips it trains on the first SUPERVISED_TRAIN_SIZE (1000) of the frozen probe's 4000 unless --train_size.
 """
 import argparse
 import json
@@ -29,6 +39,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from data import make_dataset
+from decoder import patchify
 from encoder import MLP, SIZES, Encoder, init_weights
 from nextvid import RECIPE
 
@@ -49,6 +60,7 @@ PRESETS = {
 # Synthetic probe clips: train and validation clips, and one object each (no distractors), so that
 # the label names the only moving thing (with distractors even a random encoder's probe is at chance).
 SYNTHETIC_SIZES = (4000, 1000)
+SUPERVISED_TRAIN_SIZE = 1000  # --supervised's synthetic training clips (the first of the frozen probe's 4000)
 
 
 def get_args(argv=None):
@@ -56,7 +68,13 @@ def get_args(argv=None):
     p.add_argument('--ckpt', default='out/ckpt.pt', help='a train.py checkpoint')
     p.add_argument('--weights', choices=['ema', 'online'], default='ema', help="which of the checkpoint's encoders")
     p.add_argument('--random_init', action='store_true', help='probe a randomly initialised encoder (seeded by --seed)')
-    p.add_argument('--size', choices=list(SIZES), help='size of the --random_init encoder (default tiny)')
+    p.add_argument('--size', choices=list(SIZES), help='size of the --random_init encoder (default tiny), or the '
+                   'architecture for --pixels / --supervised instead of the checkpoint\'s')
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument('--pixels', action='store_true', help='the floor: probe the raw tubelets through a fixed random '
+                      'linear map to the encoder width (no encoder)')
+    mode.add_argument('--supervised', action='store_true', help='the ceiling: train the encoder architecture from '
+                      'random init end to end with one probe on the labels')
     p.add_argument('--preset', choices=list(PRESETS), default='synthetic', help='Table 10 settings; flags override them')
     p.add_argument('--train', help='training data: a "path label" list or a folder of image class folders '
                    '(default: synthetic clips)')
@@ -64,7 +82,7 @@ def get_args(argv=None):
     p.add_argument('--label', choices=['direction', 'shape'], default='direction',
                    help='synthetic label: direction of motion (needs motion) or shape (appearance)')
     p.add_argument('--train_size', type=int, help=f'videos per training epoch (default: every file once; '
-                   f'{SYNTHETIC_SIZES[0]} synthetic clips)')
+                   f'{SYNTHETIC_SIZES[0]} synthetic clips, {SUPERVISED_TRAIN_SIZE} for --supervised)')
     p.add_argument('--val_size', type=int, help=f'validation videos (default: every file; '
                    f'{SYNTHETIC_SIZES[1]} synthetic clips)')
     p.add_argument('--segments', type=int, help='clips per video, spread over it, tokens concatenated')
@@ -82,10 +100,14 @@ def get_args(argv=None):
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--out', help='JSON results (default: probe_<label or preset>.json next to the checkpoint, '
-                   'probe_random_<size>_<label or preset>.json for --random_init)')
+                   'probe_<random, pixels or supervised>_<size>_<label or preset>.json for those modes)')
     args = p.parse_args(argv)
-    if args.size and not args.random_init:
-        p.error('--size is for --random_init; a checkpoint knows its own size')
+    if args.size and not (args.random_init or args.pixels or args.supervised):
+        p.error('--size is for --random_init, --pixels and --supervised; a checkpoint knows its own size')
+    if args.pixels:
+        if (args.layers or 1) > 1:
+            p.error('--pixels has one "layer" (the tubelets): --layers must be 1')
+        args.layers = 1  # also over a preset's
     if (args.train is None) != (args.val is None):
         p.error('give both --train and --val, or neither for synthetic clips')
     for key, value in PRESETS[args.preset].items():
@@ -99,32 +121,66 @@ def autocast(device):
 
 
 def load_encoder(args):
-    """The frozen encoder, in eval mode. Fills frames, resolution and fps not given from its pretraining."""
-    if args.random_init:
+    """The checkpoint's encoder, or for --random_init or --size that size's (default tiny) at random
+    init, frozen in eval mode; for --pixels a PixelTokens of its patch and width instead; for
+    --supervised its architecture at random init, trainable. Fills args.size, and frames, resolution
+    and fps not given, from its pretraining."""
+    checkpoint = None
+    if args.random_init or args.size:
         args.size = args.size or 'tiny'
-        torch.manual_seed(args.seed)
-        encoder = Encoder(**SIZES[args.size])
-        pretraining = RECIPE[args.size]  # what train.py would pretrain that size with
+        config, pretraining = SIZES[args.size], RECIPE[args.size]  # what train.py would pretrain that size with
     else:
         if not os.path.isfile(args.ckpt):
             raise SystemExit(f'no checkpoint at {args.ckpt}: make one with `python train.py` (it writes out/ckpt.pt), '
                              f'or probe a random encoder with --random_init --size tiny')
         checkpoint = torch.load(args.ckpt, map_location='cpu', weights_only=True)
-        encoder = Encoder(**checkpoint['encoder_config'])
-        encoder.load_state_dict(checkpoint['ema_encoder' if args.weights == 'ema' else 'encoder'])
-        pretraining = checkpoint['args']
+        config, pretraining, args.size = checkpoint['encoder_config'], checkpoint['args'], checkpoint['args']['size']
     for key in ('frames', 'resolution', 'fps'):
         if getattr(args, key) is None:
             setattr(args, key, pretraining[key])
+    torch.manual_seed(args.seed)
+    if args.pixels:
+        with torch.device('meta'):  # only its patch, tubelet and width
+            shape = Encoder(**config)
+        return PixelTokens(shape.patch, shape.tubelet, shape.dim, args.seed)
+    encoder = Encoder(**config)
+    if args.supervised:
+        return encoder
+    if checkpoint:
+        encoder.load_state_dict(checkpoint['ema_encoder' if args.weights == 'ema' else 'encoder'])
     return encoder.eval().requires_grad_(False)
 
 
-def encode(encoder, clips, layers, chunk):
+class PixelTokens(nn.Module):
+    """--pixels, the floor: each tubelet x patch x patch x 3 cube of the clip, in the Encoder's token
+    order (decoder.patchify), through one fixed random linear map to `dim` channels, its weights
+    N(0, 1/fan_in) drawn from `seed` (a buffer: nothing trains). Called as an Encoder is."""
+
+    def __init__(self, patch, tubelet, dim, seed):
+        super().__init__()
+        self.patch, self.tubelet, self.dim = patch, tubelet, dim
+        fan_in = tubelet * patch * patch * 3
+        weight = torch.randn(fan_in, dim, generator=torch.Generator().manual_seed(seed)) / fan_in ** 0.5
+        self.register_buffer('weight', weight)
+
+    def forward(self, video, last=1):
+        """video (B, 3, F, H, W) -> tokens (B, N, dim); one "layer", so `last` must be 1."""
+        if last != 1:
+            raise ValueError(f'PixelTokens has one layer, not {last}')
+        return patchify(video, self.patch, self.tubelet) @ self.weight.to(video.dtype)
+
+    def num_params(self):
+        """Entries of the fixed map (none of them trained)."""
+        return self.weight.numel()
+
+
+def encode(encoder, clips, layers, chunk, grad=False):
     """clips (B, V, S, 3, F, H, W) -> tokens (B, V, S*N, layers*D): every segment of every view is
-    encoded on its own (`chunk` clips per forward) and its N tokens follow in segment order."""
+    encoded on its own (`chunk` clips per forward) and its N tokens follow in segment order.
+    grad: keep the graph (--supervised trains the encoder)."""
     B, V = clips.shape[:2]
     flat = rearrange(clips, 'b v s c f h w -> (b v s) c f h w')
-    with torch.no_grad(), autocast(clips.device):
+    with torch.set_grad_enabled(grad), autocast(clips.device):
         tokens = torch.cat([encoder(part, last=layers) for part in flat.split(chunk)])  # (B*V*S, N, layers*D)
     return rearrange(tokens, '(b v s) n d -> b v (s n) d', b=B, v=V)
 
@@ -180,8 +236,9 @@ def predict(probe, tokens):
 
 
 class EncodedVideos:
-    """`size` videos of a dataset encoded on the fly, `batch_size` a batch. A training set reads items
-    e*size .. (e+1)*size - 1 in epoch e (new crops, segment offsets and file order each epoch)."""
+    """`size` videos of a dataset encoded on the fly (--supervised trains on clips: encode_clips moves them),
+    `batch_size` a batch. A training set reads items e*size .. (e+1)*size - 1 in epoch e (new crops,
+    segment offsets and file order each epoch), others items 0 .. size - 1."""
 
     def __init__(self, dataset, size, batch_size, encode_clips, classes, train, num_workers):
         self.dataset, self.size, self.batch_size, self.encode_clips = dataset, size, batch_size, encode_clips
@@ -241,33 +298,41 @@ def evaluate(probes, batches):
     return (100 * correct / seen).tolist()
 
 
+def cosine_schedule(optimizer, total_steps):
+    """The lr multiplied by half a cosine, 1 -> 0 over total_steps."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
+
+
+def train_step(probe, optimizer, scheduler, tokens, labels):
+    """One optimizer step of cross-entropy on tokens (B, V, L, D), each view a sample (training uses
+    one); returns how many of the B*V predictions were right."""
+    labels = repeat(labels, 'b -> (b v)', v=tokens.shape[1])
+    with autocast(tokens.device):
+        logits = probe(rearrange(tokens, 'b v l d -> (b v) l d')).float()  # (B*V, classes)
+    loss = F.cross_entropy(logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return (logits.argmax(-1) == labels).sum().item()
+
+
 def train_probes(train_batches, val_batches, dim, classes, heads, epochs, device, grid, seed=0):
     """Train one AttentiveProbe per (lr, weight decay) of `grid` on the same batches; validate after
     every epoch. Returns, per probe, its lr, weight decay and train / validation top-1 per epoch."""
     torch.manual_seed(seed)
     probes = [AttentiveProbe(dim, heads, classes).to(device) for _ in grid]
     optimizers = [torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=wd) for probe, (lr, wd) in zip(probes, grid)]
-    total_steps = epochs * len(train_batches)
-    cosine = lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps))  # lr multiplier, 1 -> 0
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(optimizer, cosine) for optimizer in optimizers]
+    schedulers = [cosine_schedule(optimizer, epochs * len(train_batches)) for optimizer in optimizers]
     history = [dict(lr=lr, weight_decay=wd, train_top1=[], val_top1=[]) for lr, wd in grid]
     for epoch in range(epochs):
         correct, seen = torch.zeros(len(probes)), 0
         bar = tqdm(train_batches.epoch(epoch), total=len(train_batches), desc=f'epoch {epoch + 1}/{epochs}',
                    dynamic_ncols=True)
         for tokens, labels in bar:
-            labels = repeat(labels, 'b -> (b v)', v=tokens.shape[1])
-            tokens = rearrange(tokens, 'b v l d -> (b v) l d')  # training uses one view: (B, L, D)
             for i, (probe, optimizer, scheduler) in enumerate(zip(probes, optimizers, schedulers)):
-                with autocast(tokens.device):
-                    logits = probe(tokens).float()  # (B, classes)
-                loss = F.cross_entropy(logits, labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()  # one probe's graph at a time: memory of one probe
-                optimizer.step()
-                scheduler.step()
-                correct[i] += (logits.argmax(-1) == labels).sum().item()
-            seen += len(labels)
+                correct[i] += train_step(probe, optimizer, scheduler, tokens, labels)  # one probe's graph at a time
+            seen += tokens.shape[0] * tokens.shape[1]
         val_top1 = evaluate(probes, val_batches)
         for record, train_correct, top1 in zip(history, correct.tolist(), val_top1):
             record['train_top1'].append(100 * train_correct / seen)
@@ -275,6 +340,35 @@ def train_probes(train_batches, val_batches, dim, classes, heads, epochs, device
         bar.write(f'epoch {epoch + 1}: best val top-1 {max(val_top1):.2f}, '
                   f'best train top-1 {100 * correct.max().item() / seen:.2f}')
     return history
+
+
+def train_supervised(encoder, train_batches, val_batches, classes, heads, epochs, lr, weight_decay, layers=1, seed=0):
+    """--supervised: `encoder` (in train mode) and one AttentiveProbe trained together by AdamW on the
+    clips of train_batches, validated after every epoch (the encoder in eval mode) on val_batches, whose
+    encode_clips must use this `encoder`. Returns train_probes' record of the probe, with encoder_lr."""
+    torch.manual_seed(seed)
+    head = AttentiveProbe(encoder.dim * layers, heads, classes).to(next(encoder.parameters()).device)
+    # The head's lr is the probe grid's, high so that its one query leaves chance early (see GRID); a ViT
+    # from scratch is usually trained by AdamW at 1e-3 or less, so the encoder takes a tenth of the
+    # head's: 1e-3 for the synthetic preset's 1e-2 (a choice, not tuned on these clips).
+    optimizer = torch.optim.AdamW([dict(params=encoder.parameters(), lr=lr / 10), dict(params=head.parameters())],
+                                  lr=lr, weight_decay=weight_decay)
+    scheduler = cosine_schedule(optimizer, epochs * len(train_batches))
+    record = dict(lr=lr, encoder_lr=lr / 10, weight_decay=weight_decay, train_top1=[], val_top1=[])
+    for epoch in range(epochs):
+        encoder.train()
+        correct, seen = 0, 0
+        bar = tqdm(train_batches.epoch(epoch), total=len(train_batches), desc=f'epoch {epoch + 1}/{epochs}',
+                   dynamic_ncols=True)
+        for clips, labels in bar:
+            tokens = encode(encoder, clips, layers, chunk=len(clips), grad=True)  # (B, V, L, D)
+            correct += train_step(head, optimizer, scheduler, tokens, labels)
+            seen += tokens.shape[0] * tokens.shape[1]
+        encoder.eval()
+        record['train_top1'].append(100 * correct / seen)
+        record['val_top1'] += evaluate([head], val_batches)
+        bar.write(f"epoch {epoch + 1}: val top-1 {record['val_top1'][-1]:.2f}, train top-1 {record['train_top1'][-1]:.2f}")
+    return record
 
 
 def main(argv=None):
@@ -294,30 +388,43 @@ def main(argv=None):
             raise SystemExit(f'{flag} {getattr(args, flag[2:])} is unlabeled: the probe needs a "path label" list '
                              f'or a folder of image class folders')
     classes = train_set.num_classes
-    train_size = args.train_size or (len(train_set) if args.train else SYNTHETIC_SIZES[0])
-    val_size = args.val_size or (len(val_set) if args.val else SYNTHETIC_SIZES[1])
+    mode = 'pixels' if args.pixels else 'supervised' if args.supervised else 'frozen'
+    if args.supervised and args.train is None and args.train_size is None:
+        args.train_size = SUPERVISED_TRAIN_SIZE
+        print(f'--supervised: {SUPERVISED_TRAIN_SIZE} synthetic training clips, not {SYNTHETIC_SIZES[0]} (--train_size)')
+    args.train_size = args.train_size or (len(train_set) if args.train else SYNTHETIC_SIZES[0])  # as used, in the JSON
+    args.val_size = args.val_size or (len(val_set) if args.val else SYNTHETIC_SIZES[1])
     num_workers = args.num_workers if args.num_workers is not None else (8 if device.type == 'cuda' else 0)
     encode_clips = lambda clips: encode(encoder, clips.to(device), args.layers, chunk=args.batch_size)
-    train_batches = EncodedVideos(train_set, train_size, args.batch_size, encode_clips, classes, True, num_workers)
-    val_batches = EncodedVideos(val_set, val_size, max(1, args.batch_size // args.views), encode_clips, classes,
+    # --supervised encodes the clips itself; on synthetic clips, the first train_size every epoch, as cached
+    train_batches = EncodedVideos(train_set, args.train_size, args.batch_size,
+                                  (lambda clips: clips.to(device)) if args.supervised else encode_clips, classes,
+                                  not (args.supervised and args.train is None), num_workers)
+    val_batches = EncodedVideos(val_set, args.val_size, max(1, args.batch_size // args.views), encode_clips, classes,
                                 False, num_workers)
-    source = 'random init ' + args.size if args.random_init else f'{args.ckpt} ({args.weights})'
+    source = dict(pixels=f'none: {args.size} tubelets, a fixed random map', supervised=f'{args.size} trained end to end',
+                  frozen='random init ' + args.size if args.random_init else f'{args.ckpt} ({args.weights})')[mode]
     print(f'encoder {source}, {encoder.num_params() / 1e6:.1f}M, last {args.layers} block(s) on {device} | '
-          f'{args.train or "synthetic " + args.label}: {classes} classes, {train_size} train / {val_size} val videos | '
-          f'{args.segments} segments x {args.views} views of {args.frames} frames at {args.resolution}px')
-    if args.cache or args.train is None:
-        train_batches, val_batches = cache(train_batches, True, 'train'), cache(val_batches, False, 'val')
-
-    history = train_probes(train_batches, val_batches, dim, classes, args.heads, args.epochs, device, args.grid, args.seed)
+          f'{args.train or "synthetic " + args.label}: {classes} classes, {args.train_size} train / {args.val_size} '
+          f'val videos | {args.segments} segments x {args.views} views of {args.frames} frames at {args.resolution}px')
+    if args.supervised:
+        history = [train_supervised(encoder, train_batches, val_batches, classes, args.heads, args.epochs, *args.grid[0],
+                                    args.layers, args.seed)]
+    else:
+        if args.cache or args.train is None:
+            train_batches, val_batches = cache(train_batches, True, 'train'), cache(val_batches, False, 'val')
+        history = train_probes(train_batches, val_batches, dim, classes, args.heads, args.epochs, device, args.grid,
+                               args.seed)
     best = max(history, key=lambda record: record['val_top1'][-1])
     for record in history:
         print(f"lr {record['lr']:.0e} wd {record['weight_decay']:g}: train top-1 {record['train_top1'][-1]:.2f}, "
               f"val top-1 {record['val_top1'][-1]:.2f}")
     name = args.label if args.train is None else args.preset
-    out = args.out or os.path.join(os.path.dirname(args.ckpt),
-                                   f'probe_random_{args.size}_{name}.json' if args.random_init else f'probe_{name}.json')
+    default = f'probe_{name}.json' if mode == 'frozen' and not args.random_init else \
+        f"probe_{'random' if mode == 'frozen' else mode}_{args.size}_{name}.json"
+    out = args.out or os.path.join(os.path.dirname(args.ckpt), default)
     os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
-    result = dict(top1=best['val_top1'][-1], best_lr=best['lr'], best_weight_decay=best['weight_decay'],
+    result = dict(mode=mode, top1=best['val_top1'][-1], best_lr=best['lr'], best_weight_decay=best['weight_decay'],
                   probes=history, args=vars(args))
     with open(out, 'w') as f:
         json.dump(result, f, indent=1)
