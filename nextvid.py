@@ -34,10 +34,14 @@ RECIPE = {  # the smaller sizes are decided here
     #   predictor_depth 1   a deeper predictor does the predicting itself and the encoder only learns colour (README)
     #   masks 4x0.15,1x0.5  the paper's 8x0.15,2x0.7 keep only ~14 and ~6 of 64 positions here
     #   tau_repeats 1   each repeat costs a decoder pass; the CPU budget goes to more clips instead
-    #   recolour_targets  every synthetic clip has random colours, which a tiny encoder otherwise spends itself on
-    #                     (README; at size s the same flag took the probes to chance, so it stays tiny's)
+    #   predictor_lr_scale 8  at lr 1e-4 the one-block predictor's attention stayed uniform for all 400 steps
+    #                   (its z was the same for every token of a slot: the decoder drew colour blobs, README);
+    #                   at 8x its attention peaks (max weight 0.53 of 64 keys by step 200)
+    #   tau logit_normal    JiT's times; with uniform tau the next-frame PSNR was lower (README)
+    #   recolour_targets off: recoloured targets (+4 shape on the probe at v-prediction) teach z_t to
+    #                   ignore the colours the decoder must draw (README); `--recolour_targets` for the probe recipe
     'tiny': {**PAPER, 'steps': 400, 'batch_size': 16, 'lr': 1e-4, 'frames': 8, 'resolution': 64, 'cooldown_frames': 16,
-             'tau_repeats': 1, 'masks': '4x0.15,1x0.5', 'recolour_targets': True,
+             'tau_repeats': 1, 'masks': '4x0.15,1x0.5', 'predictor_lr_scale': 8.0, 'tau_sampling': 'logit_normal',
              'predictor_depth': 1, 'predictor': dict(dim=192, heads=3), 'decoder': dict(dim=192, depth=4, heads=3)},
     's': {**PAPER, 'steps': 20000, 'batch_size': 256, 'micro_batch_size': 32, 'resolution': 128, 'cooldown_frames': 32,
           'predictor_depth': 6, 'predictor': dict(dim=384, heads=6), 'decoder': dict(dim=384, depth=6, heads=6)},

@@ -7,11 +7,14 @@ Pretrain NExT-Vid: masked, autoregressive next-frame prediction (arXiv 2512.2100
     torchrun --nproc_per_node=8 train.py --size g --grad_checkpointing --compile \\
         --data k400.txt:0.18,ssv2.txt:0.05,imagenet/train:0.25 --out_dir out_g
 
-One step: the EMA reference encoder reads the whole clip once (tiny: recoloured at random, not in
-the paper) and gives layer-normed targets; for each mask generator the encoder reads its copy of
-the masked clip, the predictor turns the context into a latent z_t for every token of slots
-1..T-1 (aligned to the targets), and the decoder learns, by flow matching, to generate slot t
-from z_t, with tau_repeats draws of noise and time per clip. L = 0.5 * L_flow + 1.0 * L_align.
+One step (the objective is nextvid.NextVid): the EMA reference encoder reads the whole clip once
+(recoloured at random with --recolour_targets, not in the paper) and gives layer-normed targets;
+for each mask generator the encoder reads its copy of the masked clip, the predictor turns the
+context into a latent z_t for every token of slots 1..T-1 (aligned to the targets), and the
+decoder learns, by flow matching, to generate slot t from z_t, with tau_repeats draws of noise
+and time per clip. L = 0.5 * L_flow + 1.0 * L_align. At every save the log gets the reference
+features' effective rank and the PSNR of masked next-frame generation on a fixed batch, next to
+two baselines (copy the last visible frame; each clip's mean colour).
 """
 import argparse
 import json
@@ -44,7 +47,7 @@ STAGES = [
     ('stable2', 80, 0.9, 0.2, 1.0, False),      # 4.5e-4 -> 1e-4, decoder 8e-4 fixed
     ('cooldown', 12, 0.2, 0.002, 0.375, False),  # 1e-4 -> 1e-6, decoder 3e-4 fixed
 ]
-RUNTIME_FLAGS = {'resume', 'stop_at', 'num_workers', 'log_every', 'save_every', 'device', 'compile', 'out_dir'}
+RUNTIME_FLAGS = {'resume', 'stop_at', 'num_workers', 'log_every', 'save_every', 'eval_steps', 'device', 'compile', 'out_dir'}
 
 
 def get_args(argv=None):
@@ -85,6 +88,8 @@ def get_args(argv=None):
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--num_workers', type=int, help='data loader processes per rank (default: 0 on CPU, 8 on GPU)')
     p.add_argument('--log_every', type=int, default=10)
+    p.add_argument('--eval_steps', type=int, default=50, help="Euler steps of the next-frame score at every save "
+                   "(sample.py's default)")
     p.add_argument('--save_every', type=int, default=200)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = p.parse_args(argv)
@@ -195,7 +200,8 @@ def check_data(args):
     """The --data spec and every file it lists, checked before anything is built (at g on 8 GPUs,
     minutes): a bad spec or a missing file exits with its message alone, on every rank."""
     try:
-        make_dataset(args.data, frames=args.frames, resolution=args.resolution, fps=args.fps, train=True, seed=args.seed)
+        make_dataset(args.data, frames=args.frames, resolution=args.resolution, fps=args.fps, train=True, seed=args.seed,
+                     distractors=args.distractors, camera_motion=args.camera_motion)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"--data {args.data}: {error}")
 
@@ -298,7 +304,7 @@ def train(argv=None):
             features = torch.cat([ema(chunk.to(device)).mean(1) for chunk in fixed.split(args.micro_batch_size)])
             keep = None if args.no_mask else sample_keep(len(fixed), encoder.grid(fixed), *masks[0],
                                                          generator=torch.Generator().manual_seed(args.seed)).to(device)
-            scores = next_frame_scores(encoder, predictor, decoder, fixed.to(device), keep, steps=50,  # sample.py's default
+            scores = next_frame_scores(encoder, predictor, decoder, fixed.to(device), keep, args.eval_steps,
                                        generator=torch.Generator().manual_seed(args.seed), chunk=args.micro_batch_size)
         rank_now = effective_rank(features)
         tqdm.write(f"step {step} | effective rank of reference features {rank_now:.2f} | {format_scores(scores)}")

@@ -106,7 +106,7 @@ def test_missing_checkpoint_says_how_to_make_one(tmp_path):
 
 def test_sample_uses_the_checkpoints_parameterisation(ckpt, tmp_path):
     checkpoint = torch.load(ckpt, weights_only=False)
-    assert (checkpoint['args']['prediction'], checkpoint['args']['tau_sampling']) == ('x', 'uniform')  # tiny's default, recorded
+    assert (checkpoint['args']['prediction'], checkpoint['args']['tau_sampling']) == ('x', 'logit_normal')  # tiny's, recorded
     assert sample.load_models(ckpt, 'cpu')[2].prediction == 'x'
     checkpoint['args']['prediction'] = 'v'
     torch.save(checkpoint, tmp_path / 'v.pt')

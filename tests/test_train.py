@@ -14,7 +14,7 @@ from train import get_args, phases, schedule
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a tiny run: 4 frames of 48 x 48 (2 slots of 6 x 6 tokens), 2 micro-batches per step
 SMALL = ['--frames', '4', '--cooldown_frames', '8', '--resolution', '48', '--batch_size', '4',
-         '--micro_batch_size', '2', '--log_every', '1', '--tau_repeats', '2']
+         '--micro_batch_size', '2', '--log_every', '1', '--tau_repeats', '2', '--eval_steps', '2']
 
 
 def losses(out_dir):
@@ -61,19 +61,20 @@ def test_recolour_permutes_and_negates_the_channels_of_each_clip():
 def test_reference_reads_recoloured_clips_only_when_asked(tmp_path, monkeypatch):
     calls, real = [], train.recolour
     monkeypatch.setattr(train, 'recolour', lambda video: calls.append(len(video)) or real(video))
-    train.train(SMALL + ['--steps', '2', '--out_dir', str(tmp_path / 'on')])  # tiny's default
+    train.train(SMALL + ['--steps', '2', '--recolour_targets', '--out_dir', str(tmp_path / 'on')])
     assert calls
     calls.clear()
-    train.train(SMALL + ['--steps', '2', '--no-recolour_targets', '--out_dir', str(tmp_path / 'off')])
+    train.train(SMALL + ['--steps', '2', '--out_dir', str(tmp_path / 'off')])  # the default: the paper's targets
     assert not calls
 
 
 def test_synthetic_clip_flags_change_the_training_clips_only(tmp_path, monkeypatch):
     made, real = [], train.make_dataset
-    monkeypatch.setattr(train, 'make_dataset', lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    monkeypatch.setattr(train, 'make_dataset', lambda *a, **k: made.append((k['train'], real(*a, **k))) or made[-1][1])
     train.train(SMALL + ['--steps', '2', '--distractors', '0', '--camera_motion', '1.5', '--out_dir', str(tmp_path)])
-    rank_clips, training = made[0], made[1:]
-    assert (rank_clips.distractors, rank_clips.camera_motion) == (2, 0.0)  # the default clips: ranks compare
+    fixed = [d for is_training, d in made if not is_training]
+    training = [d for is_training, d in made if is_training]
+    assert len(fixed) == 1 and (fixed[0].distractors, fixed[0].camera_motion) == (2, 0.0)  # the default clips: scores compare
     assert training and all((d.distractors, d.camera_motion) == (0, 1.5) for d in training)
     with pytest.raises(SystemExit):  # no synthetic clips to change
         get_args(['--data', str(tmp_path), '--distractors', '0'])
@@ -123,8 +124,7 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path):
 
 
 def test_loss_goes_down(tmp_path):
-    # the paper's targets: recoloured ones (tiny's default) leave part of L_align irreducible by design
-    train.train(SMALL + ['--steps', '30', '--lr', '1e-3', '--no-recolour_targets', '--out_dir', str(tmp_path)])
+    train.train(SMALL + ['--steps', '30', '--lr', '1e-3', '--out_dir', str(tmp_path)])
     curve = [loss for loss, _, _ in losses(str(tmp_path)).values()]
     assert sum(curve[-5:]) / 5 < 0.8 * sum(curve[:5]) / 5
     # every save scores next-frame generation on the fixed batch, next to the two baselines
@@ -148,7 +148,8 @@ def test_non_finite_loss_skips_then_stops(tmp_path, monkeypatch):
 def test_torchrun_two_ranks_on_cpu(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS='1')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',  # the
-           '--frames', '4', '--cooldown_frames', '8', '--resolution', '48', '--steps', '3', '--out_dir', str(tmp_path)]
+           '--frames', '4', '--cooldown_frames', '8', '--resolution', '48', '--steps', '3', '--eval_steps', '2', '--log_every', '1',
+           '--out_dir', str(tmp_path)]
     # recipe's batch (16) and micro-batch (16, so 8 per rank, then 4 in the cool-down)
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
