@@ -381,8 +381,11 @@ def main(argv=None):
     # synthetic clips: seeds apart from train.py's (0 and 1), so no probe clip was a pretraining clip
     common = dict(frames=args.frames, resolution=args.resolution, fps=args.fps, segments=args.segments, label=args.label,
                   distractors=0)
-    train_set = make_dataset(args.train or 'synthetic', train=not args.cache, seed=args.seed + 1000, views=1, **common)
-    val_set = make_dataset(args.val or 'synthetic', train=False, seed=args.seed + 2000, views=args.views, **common)
+    try:  # a bad list or a missing file: its message alone, no traceback
+        train_set = make_dataset(args.train or 'synthetic', train=not args.cache, seed=args.seed + 1000, views=1, **common)
+        val_set = make_dataset(args.val or 'synthetic', train=False, seed=args.seed + 2000, views=args.views, **common)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f'probe.py: {error}')
     for flag, dataset in (('--train', train_set), ('--val', val_set)):
         if dataset.num_classes == 0:
             raise SystemExit(f'{flag} {getattr(args, flag[2:])} is unlabeled: the probe needs a "path label" list '

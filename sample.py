@@ -178,10 +178,13 @@ def load_clips(args, frames, train_args):
     """(B, 3, frames, R, R) in [-1, 1]: the --video or --image clip, else --clips synthetic clips that
     training never drew (train.py's data uses the run's seed; these use seed + 1 + --seed)."""
     resolution = train_args['resolution']
-    if args.video:
-        return load_video_clip(args.video, frames, train_args['fps'], resolution)[None]
-    if args.image:
-        return load_image_clip(args.image, frames, resolution)[None]
+    try:  # a missing or undecodable file: its message alone, no traceback
+        if args.video:
+            return load_video_clip(args.video, frames, train_args['fps'], resolution)[None]
+        if args.image:
+            return load_image_clip(args.image, frames, resolution)[None]
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"sample.py: {error}")
     dataset = make_dataset('synthetic', frames=frames, resolution=resolution, fps=train_args['fps'], train=False,
                            seed=train_args['seed'] + 1 + args.seed)
     return torch.stack([dataset[i][0] for i in range(args.clips)])

@@ -278,3 +278,11 @@ def test_supervised_default_train_size_and_pixels_arguments(tmp_path, monkeypatc
     args = probe.get_args(['--pixels', '--ckpt', str(tmp_path / 'ckpt.pt')])
     pixels = probe.load_encoder(args)
     assert (pixels.patch, pixels.tubelet, pixels.dim, args.size, args.frames, args.resolution) == (4, 2, 48, 's', 4, 16)
+
+
+def test_a_list_naming_a_missing_file_exits_with_its_message(tmp_path):
+    (tmp_path / 'train.txt').write_text('gone.mp4 0\n')
+    (tmp_path / 'val.txt').write_text('gone.mp4 0\n')
+    with pytest.raises(SystemExit, match='missing'):
+        probe.main(['--random_init', '--train', str(tmp_path / 'train.txt'), '--val', str(tmp_path / 'val.txt'),
+                    '--out', str(tmp_path / 'r.json')])

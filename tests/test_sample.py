@@ -120,3 +120,12 @@ def test_generation_prints_the_next_frame_scores(ckpt, tmp_path, capsys):
     sample.main(['--ckpt', ckpt, '--out_dir', str(tmp_path), '--clips', '2', '--steps', '2'])
     line = next(line for line in capsys.readouterr().out.splitlines() if 'PSNR' in line)
     assert line.startswith('2 clip(s), next-frame PSNR') and all(name in line for name in ('generated', 'copy', 'mean colour'))
+
+
+@pytest.mark.parametrize('flag', ['--video', '--image'])
+def test_missing_or_undecodable_input_exits_with_its_message(ckpt, tmp_path, flag):
+    with pytest.raises(SystemExit, match='nothing.mp4'):
+        sample.main(['--ckpt', ckpt, flag, str(tmp_path / 'nothing.mp4'), '--out_dir', str(tmp_path)])
+    (tmp_path / 'broken.mp4').write_bytes(b'not a video at all')
+    with pytest.raises(SystemExit, match='broken.mp4'):
+        sample.main(['--ckpt', ckpt, flag, str(tmp_path / 'broken.mp4'), '--out_dir', str(tmp_path)])
