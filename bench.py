@@ -10,7 +10,9 @@ Runs full training steps (reference encoder, two masked encoder passes, predicto
 the first stage's tau repeats, AdamW, EMA) on random clips of the size's default shape and
 prints one JSON line. Model FLOPs per clip come from the formula in `flops_per_clip`: matmuls
 count 2 FLOPs per multiply-add; attention counts only the (query, key) pairs its pattern allows;
-trained modules cost 3x their forward (forward + backward), the reference encoder 1x.
+trained modules cost 3x their forward (forward + backward), the reference encoder 1x. With
+--target vae the step also encodes the clip with the VA-VAE (a random VAE() unless --vae and
+--vae_stats name its files), counted 1x: its convolutions and attention (vae_encoder_flops).
 tests/test_bench.py checks the formula against torch's FlopCounterMode.
 
 With --data, the data loader alone instead: the clips train.py would read for that --data (the
@@ -41,6 +43,7 @@ import data
 from encoder import SIZES
 from masks import Pattern, parse_masks, sample_keep
 from nextvid import RECIPE, NextVid
+from vae import VAE, load_vae
 
 PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'L40S': 362.0}  # dense bf16 tensor cores
 
@@ -56,8 +59,28 @@ def transformer_flops(tokens, dim, depth, mlp_hidden, attn_pairs):
     return depth * (2 * tokens * (4 * dim * dim + 2 * dim * mlp_hidden) + 4 * dim * attn_pairs)
 
 
-def flops_per_clip(encoder, predictor, decoder, grid, kept, tau_repeats):
-    """Training FLOPs for one clip. kept: tokens per slot the encoder sees, one per mask generator."""
+def vae_encoder_flops(vae, H, W):
+    """Forward FLOPs of vae.encoder and quant_conv on one H x W frame: 2 per multiply-add of every
+    conv, and 4 C per (query, key) pair of each attention over all positions of its level."""
+    conv = lambda m, h, w: 2 * h * w * m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1]
+    resnet = lambda b, h, w: conv(b.conv1, h, w) + conv(b.conv2, h, w) + (
+        conv(b.nin_shortcut, h, w) if isinstance(b.nin_shortcut, torch.nn.Conv2d) else 0)
+    attn = lambda a, h, w: sum(conv(m, h, w) for m in (a.q, a.k, a.v, a.proj_out)) + 4 * a.q.in_channels * (h * w) ** 2
+    enc, h, w = vae.encoder, H, W
+    total = conv(enc.conv_in, h, w)
+    for level in enc.down:
+        for j, block in enumerate(level.block):
+            total += resnet(block, h, w) + (attn(level.attn[j], h, w) if level.attn else 0)
+        if level.resample:
+            h, w = h // 2, w // 2
+            total += conv(level.downsample.conv, h, w)
+    total += 2 * resnet(enc.mid.block_1, h, w) + attn(enc.mid.attn_1, h, w)  # block_1 and block_2 alike
+    return total + conv(enc.conv_out, h, w) + conv(vae.quant_conv, h, w)
+
+
+def flops_per_clip(encoder, predictor, decoder, grid, kept, tau_repeats, vae=None):
+    """Training FLOPs for one clip. kept: tokens per slot the encoder sees, one per mask generator;
+    vae: the target's VAE, whose encoder reads every frame once (forward only)."""
     T, h, w = grid
     S, N, L = h * w, T * h * w, (T - 1) * h * w
     D, depth = encoder.dim, len(encoder.blocks)
@@ -79,6 +102,8 @@ def flops_per_clip(encoder, predictor, decoder, grid, kept, tau_repeats):
         dec = 2 * L * (D + P) * dd + 2 * L * dd * P + transformer_flops(L, dd, len(decoder.blocks), d_hidden, pairs(iso))
         dec += len(decoder.blocks) * 2 * (T - 1) * dd * 6 * dd  # adaLN modulation, once per slot
         total += 2 * N * embed + 3 * (enc + pred + tau_repeats * dec)  # the clip needs no gradient: 2x for the embed
+    if vae is not None:
+        total += T * encoder.tubelet * vae_encoder_flops(vae, h * encoder.patch, w * encoder.patch)
     return total
 
 
@@ -124,6 +149,9 @@ def main():
     p.add_argument('--steps', type=int, default=5, help='timed steps, after 2 warm-up steps')
     p.add_argument('--peak_tflops', type=float, help="the device's peak, for MFU on a device not in PEAK_TFLOPS")
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--target', choices=['pixel', 'vae'], default='pixel', help='vae: the step encodes the clip too')
+    p.add_argument('--vae', help='--target vae: weights (default: a random VAE(), no files needed)')
+    p.add_argument('--vae_stats', help='--target vae: latent statistics, with --vae')
     p.add_argument('--data', help="time the loader on train.py's --data, or one video file (docstring), not steps")
     p.add_argument('--clips', type=int, default=10, help='--data: clips timed (per position, for one video file)')
     p.add_argument('--no_seek', action='store_true', help='--data: decode videos from the start, as before seeking')
@@ -136,7 +164,12 @@ def main():
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.dtype == 'bf16')
 
     torch.manual_seed(0)
-    model = NextVid.build(args.size, **recipe).to(device)
+    vae = None if args.target == 'pixel' else (load_vae(args.vae, args.vae_stats) if args.vae else  # random: no files
+                                               VAE().eval().requires_grad_(False)).to(device)
+    try:
+        model = NextVid.build(args.size, **recipe, target=args.target, vae=vae).to(device)
+    except ValueError as error:  # e.g. tiny's patch 8 under the released f16 VAE
+        p.error(str(error))
     encoder = model.encoder
     ema = deepcopy(encoder).eval().requires_grad_(False)
     for module in (encoder, model.predictor, model.decoder, ema):
@@ -179,7 +212,7 @@ def main():
     seconds = (time.perf_counter() - start) / args.steps
 
     kept = [k.shape[1] // grid[0] for k in keeps]
-    flops = flops_per_clip(encoder, model.predictor, model.decoder, grid, kept, recipe['tau_repeats'])
+    flops = flops_per_clip(encoder, model.predictor, model.decoder, grid, kept, recipe['tau_repeats'], vae)
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     achieved = flops * micro / seconds / 1e12
@@ -188,7 +221,7 @@ def main():
     else:
         memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # peak RSS of the process
     print(json.dumps(dict(
-        device=name, size=args.size, micro_batch_size=micro, dtype=args.dtype, compile=args.compile, attn=args.attn,
+        device=name, size=args.size, target=args.target, micro_batch_size=micro, dtype=args.dtype, compile=args.compile, attn=args.attn,
         grad_checkpointing=args.grad_checkpointing, frames=recipe['frames'], resolution=recipe['resolution'],
         tokens_per_clip=grid[0] * grid[1] * grid[2], kept_per_slot=kept, step_s=round(seconds, 4),
         clips_per_s=round(micro / seconds, 2), tokens_per_s=round(micro * grid[0] * grid[1] * grid[2] / seconds),

@@ -4,9 +4,11 @@ The NExT-Vid objective (arXiv 2512.21004, Eq. 9) and masked next-frame generatio
     python -c "from nextvid import *; m = NextVid.build('tiny', **RECIPE['tiny']); print(m)"
 
 - RECIPE: the size presets (the paper's Table 8 for l, h, g; tiny, s and b decided here).
-- NextVid: the three trained networks (encoder, predictor, decoder) and the two losses.
+- NextVid: the three trained networks (encoder, predictor, decoder) and the two losses; the decoder's
+  target is pixels or, with a frozen VA-VAE (vae.py, `--target vae`), its latents.
 - generate / next_frame_scores: masked next-frame generation as sample.py shows it, and its PSNR
-  against the real slots and against two baselines that need no model.
+  against the real slots and against two baselines that need no model (in pixels, whatever the target;
+  target_frames turns generated target tokens into pixel frames).
 """
 import math
 
@@ -15,9 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
-from decoder import Decoder, patchify
+from decoder import Decoder, patchify, unpatchify
 from encoder import SIZES, Encoder
 from predictor import Predictor
+from vae import latent_frames, latent_patch, latent_tokens
 
 # The paper's recipe [Table 8, Eq. 9], the defaults of l, h and g. prediction and tau_sampling are
 # the decoder's parameterisation (decoder.py), not the paper's: x (the clean target) because a
@@ -61,20 +64,42 @@ def sample_tau(shape, how, device):
 
 
 class NextVid(nn.Module):
-    """The three trained pieces and the objective: returns (L_flow, L_align) for a batch."""
+    """The three trained pieces and the objective: returns (L_flow, L_align) for a batch. The decoder's
+    target is pixels (vae None) or the latents of a frozen vae.VAE."""
 
-    def __init__(self, encoder, predictor, decoder, tau_sampling='uniform'):
+    def __init__(self, encoder, predictor, decoder, tau_sampling='uniform', vae=None):
         super().__init__()
         self.encoder, self.predictor, self.decoder = encoder, predictor, decoder
         self.tau_sampling = tau_sampling
+        # frozen and not trained: a plain attribute, not a submodule, so it stays out of parameters(),
+        # state_dict() (the checkpoint records its file paths instead), param_groups() and DDP, and
+        # .to() does not move it (the caller does)
+        object.__setattr__(self, 'vae', vae)
 
     @classmethod
-    def build(cls, size, predictor, predictor_depth, decoder, prediction, tau_sampling, encoder_config=None, **_):
-        """The networks of a size from recipe entries (RECIPE[size], or a checkpoint's args)."""
+    def build(cls, size, predictor, predictor_depth, decoder, prediction, tau_sampling, encoder_config=None,
+              target='pixel', vae=None, **_):
+        """The networks of a size from recipe entries (RECIPE[size], or a checkpoint's args); target
+        'pixel', or 'vae' with the loaded vae.VAE (a checkpoint's args hold its path: pass the module)."""
         encoder = Encoder(**(encoder_config or SIZES[size]))
-        target_dim = encoder.tubelet * encoder.patch ** 2 * 3  # one 2 x p x p x 3 cube of pixels
+        if (target == 'vae') != (vae is not None) or target not in ('pixel', 'vae'):
+            raise ValueError(f"target {target!r} with vae {type(vae).__name__}: 'vae' needs a loaded VAE, 'pixel' none")
+        if vae is None:
+            target_dim = encoder.tubelet * encoder.patch ** 2 * 3  # one 2 x p x p x 3 cube of pixels
+        else:  # one 2 x p' x p' x C cube of latents, p' = p / f: 64 values for patch 16 over f16d32
+            target_dim = encoder.tubelet * latent_patch(encoder.patch, vae.factor) ** 2 * vae.latent_channels
         return cls(encoder, Predictor(encoder.dim, **{**predictor, 'depth': predictor_depth}),
-                   Decoder(encoder.dim, target_dim, **decoder, prediction=prediction), tau_sampling)
+                   Decoder(encoder.dim, target_dim, **decoder, prediction=prediction), tau_sampling, vae)
+
+    def targets(self, video, sample=True, generator=None):
+        """The decoder's targets for every token of video (B, 3, F, H, W): (B, N, target_dim), pixels
+        as patchify cuts them, or the VAE's normalised latents, a posterior sample by default as
+        LightningDiT trains on (sample=False: the mean; noise from the global RNG unless `generator`)."""
+        if self.vae is None:
+            return patchify(video, self.encoder.patch, self.encoder.tubelet)
+        with torch.no_grad():
+            latents = self.vae.encode(video, sample=sample, generator=generator)  # (B, C, F, h, w)
+            return latent_tokens(latents, latent_patch(self.encoder.patch, self.vae.factor), self.encoder.tubelet).float()
 
     def forward(self, video, target, keeps, tau_repeats):
         """video (B, 3, F, H, W); target (B, N, D) reference features; keeps: one (B, K) index
@@ -84,7 +109,7 @@ class NextVid(nn.Module):
         z = torch.cat([self.predictor(self.encoder(video, keep), keep, grid) for keep in keeps])  # (G*B, L, D)
         align = F.mse_loss(z.float(), target[:, S:].repeat(len(keeps), 1, 1))
         # flow matching, tau_repeats fresh (noise, tau) per decoder input (MAR's trick)
-        x1 = patchify(video, self.encoder.patch, self.encoder.tubelet)[:, S:]  # (B, L, P) slots 1..T-1
+        x1 = self.targets(video)[:, S:]  # (B, L, P) slots 1..T-1
         x1 = x1.repeat(len(keeps) * tau_repeats, 1, 1)  # (R*G*B, L, P)
         z = z.repeat(tau_repeats, 1, 1)
         x0 = torch.randn_like(x1)
@@ -119,14 +144,25 @@ def recolour(video):
 # masked next-frame generation and its score
 
 
+def target_frames(tokens, grid, patch, tubelet, vae=None):
+    """Target tokens (B, T*h*w, P) -> pixel frames (B, 3, T*tubelet, h*patch, w*patch) in [-1, 1]: pixels
+    unpatchified, or (vae given) latents unpatchified and decoded by the VAE."""
+    if vae is None:
+        return unpatchify(tokens, grid, patch, tubelet).clamp(-1, 1)
+    latents = latent_frames(tokens, grid, latent_patch(patch, vae.factor), tubelet)  # (B, C, F, h', w')
+    return vae.decode(latents.to(vae.mean.dtype)).float().clamp(-1, 1)
+
+
 @torch.no_grad()
-def generate(encoder, predictor, decoder, video, keep, steps, generator, samples=1):
+def generate(encoder, predictor, decoder, video, keep, steps, generator, samples=1, vae=None):
     """Slots 1..T-1 of video (B, 3, F, H, W) generated from its context (kept tokens keep (B, K), None:
-    all), `samples` draws from different noise: target tokens (samples*B, (T-1)*h*w, P) in [-1, 1]."""
+    all), `samples` draws from different noise: target tokens (samples*B, (T-1)*h*w, P), pixels clamped
+    to [-1, 1], or (vae given) the VAE's latents as they come (target_frames decodes them)."""
     T, h, w = grid = encoder.grid(video)
     z = predictor(encoder(video, keep), keep, grid)  # (B, (T-1)*h*w, D)
     z = repeat(z, 'b l d -> (n b) l d', n=samples)  # one noise draw per copy
-    return decoder.sample(z, (T - 1, h, w), steps, generator).clamp(-1, 1)
+    tokens = decoder.sample(z, (T - 1, h, w), steps, generator)
+    return tokens if vae is not None else tokens.clamp(-1, 1)
 
 
 def psnr(squared_error, count):
@@ -135,14 +171,15 @@ def psnr(squared_error, count):
 
 
 @torch.no_grad()
-def next_frame_scores(encoder, predictor, decoder, video, keep, steps, generator, chunk=16, generated=None):
+def next_frame_scores(encoder, predictor, decoder, video, keep, steps, generator, chunk=16, generated=None, vae=None):
     """PSNR of masked next-frame generation on slots 1..T-1 of video (B, 3, F, H, W), pooled over the
     clips, on all pixels and on the masked positions alone, next to two baselines on the same pixels:
     copy: the previous real slot where the encoder saw it, the mean of its seen pixels elsewhere;
     mean colour: each clip's mean colour, a flat frame.
     Returns {name: (all, masked)}; masked is None for an unmasked encoder (keep None). The clips go
     `chunk` at a time, the noise from `generator` in clip order; `generated` (B, (T-1)*h*w, P), the
-    output of generate(), scores those slots instead of generating them."""
+    output of generate(), scores those slots instead of generating them. With a vae (target vae) the
+    generated latents are decoded to pixels first: every score is in pixels."""
     T, h, w = encoder.grid(video)
     S = h * w
     names = ('generated', 'copy', 'mean colour')
@@ -160,7 +197,10 @@ def next_frame_scores(encoder, predictor, decoder, video, keep, steps, generator
         seen_pixels = (seen_before.sum(2, keepdim=True) * previous.shape[3]).clamp_min(1)  # (b, T-1, 1, 1, 1)
         seen_mean = (previous * seen_before).sum((2, 3), keepdim=True) / seen_pixels  # (b, T-1, 1, 1, 3)
         if part_generated is None:
-            part_generated = generate(encoder, predictor, decoder, part, part_keep, steps, generator)  # (b, (T-1)*S, P)
+            part_generated = generate(encoder, predictor, decoder, part, part_keep, steps, generator, vae=vae)  # (b, (T-1)*S, P)
+        if vae is not None:  # latents -> pixel frames -> pixel tokens
+            part_generated = patchify(target_frames(part_generated, (T - 1, h, w), encoder.patch, encoder.tubelet, vae),
+                                      encoder.patch, encoder.tubelet)
         estimates = dict(zip(names, [rearrange(part_generated, 'b (t s) (q c) -> b t s q c', t=T - 1, c=3),
                                      torch.where(seen_before, previous, seen_mean),
                                      tokens.mean((1, 2, 3), keepdim=True).expand_as(previous)]))

@@ -16,6 +16,9 @@ generation.mp4 (the same videos side by side, one clip per row).
 Rollout (--rollout K): from the first slot of the clip (or the --image picture), generate the next
 slot, append it, re-encode the whole unmasked past, and repeat K times. Writes rollout.png/.gif/.mp4
 next to the real clip (for --image, the still picture itself).
+
+A --target vae checkpoint generates VA-VAE latents: the VAE is loaded from the files its args record
+(train.py's --vae, --vae_stats) and decodes them to pixels for the pictures, the scores and the rollout.
 """
 import argparse
 import os
@@ -29,7 +32,8 @@ from PIL import Image, ImageDraw
 from data import load_image_clip, load_video_clip, make_dataset
 from decoder import patchify, unpatchify
 from masks import parse_masks, sample_keep
-from nextvid import NextVid, format_scores, generate, next_frame_scores
+from nextvid import NextVid, format_scores, generate, next_frame_scores, target_frames
+from train import open_vae
 
 DISPLAY = 128  # frames are upscaled (nearest) by the largest whole factor that keeps them <= this, at least 1
 LABEL_WIDTH, HEADER, GAP, GROUP_GAP = 90, 16, 2, 10  # pixels: row labels, text lines, between cells, between clips
@@ -56,19 +60,22 @@ def get_args(argv=None):
 
 
 def load_models(path, device):
-    """Online encoder, predictor and decoder of a train.py checkpoint, and its training args."""
+    """Online encoder, predictor and decoder of a train.py checkpoint, its frozen VAE (None for a
+    pixel target) and its training args."""
     if not os.path.exists(path):
         raise SystemExit(f"no checkpoint at {path}: make one with `python train.py` (or point --ckpt at one)")
     checkpoint = torch.load(path, map_location='cpu', weights_only=False)
-    train_args = {'prediction': 'v', 'tau_sampling': 'uniform', **checkpoint['args']}  # runs before --prediction were v
+    train_args = {'prediction': 'v', 'tau_sampling': 'uniform', 'target': 'pixel', 'vae': None, 'vae_stats': None,
+                  **checkpoint['args']}  # runs before --prediction were v
+    vae = open_vae(train_args['target'], train_args['vae'], train_args['vae_stats'], checkpoint['encoder_config']['patch'])
     with torch.device('meta'):  # no time spent on a random init that the checkpoint overwrites
-        model = NextVid.build(**train_args, encoder_config=checkpoint['encoder_config'])
+        model = NextVid.build(**{**train_args, 'vae': vae}, encoder_config=checkpoint['encoder_config'])
     encoder, predictor, decoder = model.encoder, model.predictor, model.decoder
     for name, module in [('encoder', encoder), ('predictor', predictor), ('decoder', decoder)]:
         module.load_state_dict(checkpoint[name], assign=True)  # the online encoder: the predictor learned on its context
         module.to(device).eval()
     train_args['step'] = checkpoint['step']
-    return encoder, predictor, decoder, train_args
+    return encoder, predictor, decoder, vae.to(device) if vae else None, train_args
 
 
 def first_mask(train_args, batch, grid, seed, device):
@@ -87,8 +94,9 @@ def hide_masked(video, keep, grid, patch, tubelet):
 
 
 @torch.no_grad()
-def rollout(encoder, predictor, decoder, seed, slots, steps, generator):
-    """Grow seed (B, 3, tubelet, H, W) by `slots` generated slots: (B, 3, tubelet * (1 + slots), H, W)."""
+def rollout(encoder, predictor, decoder, seed, slots, steps, generator, vae=None):
+    """Grow seed (B, 3, tubelet, H, W) by `slots` generated slots: (B, 3, tubelet * (1 + slots), H, W);
+    with a vae, each slot's generated latents are decoded to pixels before they are appended."""
     video = seed
     for _ in range(slots):
         # To generate slot t, encode t + 1 slots whose last one is a placeholder (zeros). It cannot
@@ -98,7 +106,7 @@ def rollout(encoder, predictor, decoder, seed, slots, steps, generator):
         _, h, w = grid = encoder.grid(grown)
         z = predictor(encoder(grown), None, grid)[:, -h * w:]  # (B, h*w, D): the last slot's latents
         tokens = decoder.sample(z, (1, h, w), steps, generator)  # (B, h*w, P)
-        next_slot = unpatchify(tokens, (1, h, w), encoder.patch, encoder.tubelet).clamp(-1, 1)
+        next_slot = target_frames(tokens, (1, h, w), encoder.patch, encoder.tubelet, vae)  # (B, 3, tubelet, H, W)
         video = torch.cat([video, next_slot], dim=2)
     return video
 
@@ -192,27 +200,27 @@ def load_clips(args, frames, train_args):
 
 def main(argv=None):
     args = get_args(argv)
-    encoder, predictor, decoder, train_args = load_models(args.ckpt, args.device)
+    encoder, predictor, decoder, vae, train_args = load_models(args.ckpt, args.device)
     frames = encoder.tubelet * (1 + args.rollout) if args.rollout else train_args['frames']
     video = load_clips(args, frames, train_args).to(args.device)  # (B, 3, F, H, W)
     noise = torch.Generator().manual_seed(args.seed)
     if args.rollout:
         name, one_draw, task = 'rollout', 'rollout', f"rollout of {args.rollout} slots from slot 0"
         seed = repeat(video[:, :, :encoder.tubelet], 'b c f h w -> (b n) c f h w', n=args.samples)
-        draws = rollout(encoder, predictor, decoder, seed, args.rollout, args.steps, noise)
+        draws = rollout(encoder, predictor, decoder, seed, args.rollout, args.steps, noise, vae)
         draws = rearrange(draws, '(b n) c f h w -> n b c f h w', n=args.samples)
         videos = {'real': video}
     else:
         name, one_draw, task = 'generation', 'generated', 'masked next-frame generation'
         grid = encoder.grid(video)
         keep = first_mask(train_args, len(video), grid, args.seed, args.device)
-        tokens = generate(encoder, predictor, decoder, video, keep, args.steps, noise, args.samples)  # (n*B, L, P)
+        tokens = generate(encoder, predictor, decoder, video, keep, args.steps, noise, args.samples, vae)  # (n*B, L, P)
         T, h, w = grid
-        frames = unpatchify(tokens, (T - 1, h, w), encoder.patch, encoder.tubelet)  # (n*B, 3, F-2, H, W)
+        frames = target_frames(tokens, (T - 1, h, w), encoder.patch, encoder.tubelet, vae)  # (n*B, 3, F-2, H, W)
         frames = torch.cat([torch.zeros_like(frames[:, :, :encoder.tubelet]), frames], dim=2)  # slot 0 grey: context only
         draws = rearrange(frames, '(n b) c f h w -> n b c f h w', n=args.samples)
         scores = next_frame_scores(encoder, predictor, decoder, video, keep, args.steps, noise,
-                                   generated=tokens[:len(video)])  # the first draw
+                                   generated=tokens[:len(video)], vae=vae)  # the first draw
         print(f"{len(video)} clip(s), {format_scores(scores)}")
         if keep is None:
             videos = {'real': video, 'input (no mask)': video}

@@ -15,6 +15,11 @@ decoder learns, by flow matching, to generate slot t from z_t, with tau_repeats 
 and time per clip. L = 0.5 * L_flow + 1.0 * L_align. At every save the log gets the reference
 features' effective rank and the PSNR of masked next-frame generation on a fixed batch, next to
 two baselines (copy the last visible frame; each clip's mean colour).
+
+--target vae --vae W --vae_stats S: the decoder generates a frozen VA-VAE's latents (vae.py) instead
+of pixels, a posterior sample per clip and step; the scores decode them to pixels. W is loaded with
+vae.VAE()'s defaults (the released f16d32 file) unless it holds a 'config' dict next to its state
+dict (vae.load_vae); the checkpoint records the two paths, not the VAE.
 """
 import argparse
 import json
@@ -36,6 +41,7 @@ from data import make_dataset
 from encoder import SIZES
 from masks import parse_masks, sample_keep
 from nextvid import RECIPE, NextVid, format_scores, next_frame_scores, recolour
+from vae import latent_patch, load_vae
 
 # The four stages of Table 8 as shares of the run (12K, 28K, 80K, 12K of 132K steps):
 # (name, share, lr from and to as multiples of --lr, decoder lr as a multiple of --decoder_lr
@@ -68,7 +74,10 @@ def get_args(argv=None):
     p.add_argument('--fps', type=float, help='frame rate sampled from videos')
     p.add_argument('--distractors', type=int, default=2, help='synthetic clips: extra moving objects per training clip')
     p.add_argument('--camera_motion', type=float, default=0.0, help='synthetic clips: background pan, px per frame at 64 px')
-    p.add_argument('--target', choices=['pixel'], default='pixel')
+    p.add_argument('--target', choices=['pixel', 'vae'], default='pixel', help="the decoder's target: pixels, or the "
+                   "latents of the frozen VA-VAE in --vae (needs --vae_stats)")
+    p.add_argument('--vae', help='--target vae: VA-VAE weights (vavae-imagenet256-f16d32-dinov2.pt)')
+    p.add_argument('--vae_stats', help='--target vae: its latent statistics (latents_stats.pt)')
     p.add_argument('--masks', help="mask generators as blocks x scale, e.g. '8x0.15,2x0.7' (Table 8)")
     p.add_argument('--no_mask', action='store_true', help='the encoder sees the whole clip (Table 4 ablation)')
     p.add_argument('--predictor_depth', type=int, help='cross-attention blocks of the predictor (Table 7: 12)')
@@ -206,6 +215,24 @@ def check_data(args):
         raise SystemExit(f"--data {args.data}: {error}")
 
 
+def open_vae(target, weights, stats, patch):
+    """The frozen VAE of a --target vae run (None for pixels), or SystemExit with the reason: a flag
+    or file missing, weights that do not fit, a ViT patch that is not a multiple of its factor."""
+    if target != 'vae':
+        return None
+    for flag, path in (('vae', weights), ('vae_stats', stats)):
+        if not path:
+            raise SystemExit(f"--target vae needs --{flag}")
+        if not os.path.isfile(path):
+            raise SystemExit(f"--{flag} {path}: no such file (VA-VAE files: huggingface.co/hustvl/vavae-imagenet256-f16d32-dinov2)")
+    try:
+        vae = load_vae(weights, stats)
+        latent_patch(patch, vae.factor)
+    except (ValueError, FileNotFoundError, KeyError) as error:
+        raise SystemExit(f"--target vae: {error}")
+    return vae
+
+
 def setup_distributed(args):
     """DDP from torchrun's environment: nccl on CUDA, gloo on CPU. Returns (rank, world)."""
     if int(os.environ.get('RANK', -1)) == -1:
@@ -257,6 +284,7 @@ def train(argv=None):
     master = rank == 0
     checkpoint = load_resume(args, given) if args.resume else None
     check_data(args)
+    vae = open_vae(args.target, args.vae, args.vae_stats, SIZES[args.size]['patch'])  # before the models: a bad file exits now
     if args.num_workers is None:
         args.num_workers = 8 if args.device.startswith('cuda') else 0
     args.dtype = args.dtype or ('bf16' if args.device.startswith('cuda') else 'fp32')
@@ -266,7 +294,7 @@ def train(argv=None):
     autocast = torch.autocast(device.type, torch.bfloat16) if args.dtype == 'bf16' else nullcontext()
 
     torch.manual_seed(args.seed)
-    model = NextVid.build(**vars(args)).to(device)
+    model = NextVid.build(**{**vars(args), 'vae': vae.to(device) if vae else None}).to(device)  # the VAE is no submodule
     encoder, predictor, decoder = model.encoder, model.predictor, model.decoder
     ema = deepcopy(encoder).eval().requires_grad_(False)  # the reference encoder, synced at start
     optimizer = torch.optim.AdamW(model.param_groups(), lr=args.lr, betas=(0.9, 0.95), fused=device.type == 'cuda')
@@ -305,7 +333,8 @@ def train(argv=None):
             keep = None if args.no_mask else sample_keep(len(fixed), encoder.grid(fixed), *masks[0],
                                                          generator=torch.Generator().manual_seed(args.seed)).to(device)
             scores = next_frame_scores(encoder, predictor, decoder, fixed.to(device), keep, args.eval_steps,
-                                       generator=torch.Generator().manual_seed(args.seed), chunk=args.micro_batch_size)
+                                       generator=torch.Generator().manual_seed(args.seed), chunk=args.micro_batch_size,
+                                       vae=model.vae)
         rank_now = effective_rank(features)
         tqdm.write(f"step {step} | effective rank of reference features {rank_now:.2f} | {format_scores(scores)}")
         row = dict(step=step, effective_rank=rank_now)

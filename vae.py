@@ -219,9 +219,12 @@ def load_vae(weights, stats=None, **config):
     possibly under 'state_dict'; only the keys under PREFIXES are read, so loss.*,
     foundation_model.* and linear_proj.* are ignored) and, if given, `stats` ({'mean', 'std'}).
     Raises FileNotFoundError for a missing file, and ValueError naming the missing, unexpected
-    and differently shaped autoencoder keys when the checkpoint does not fit the config."""
-    vae = VAE(**config)
+    and differently shaped autoencoder keys when the checkpoint does not fit the config.
+    A weights file may carry its own VAE arguments under a top-level 'config' dict (small VAEs
+    written by tests); `config` given here wins over them. The released file has none: VAE()'s defaults."""
     state = read(weights)
+    config = {**state.get('config', {}), **config}
+    vae = VAE(**config)
     state = {k: v for k, v in state.get('state_dict', state).items() if k.startswith(PREFIXES)}
     own = vae.state_dict()
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())

@@ -39,3 +39,15 @@ def test_flop_formula_matches_counted_flops(monkeypatch):
     formula = 2 * flops_per_clip(encoder, model.predictor, model.decoder, grid, kept, tau_repeats=2)
     counted = counter.get_total_flops()
     assert abs(formula - counted) / counted < 0.02, (formula, counted)
+
+
+def test_vae_encoder_flops_match_counted_flops(monkeypatch):
+    from bench import vae_encoder_flops
+    from vae import VAE
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', math_attention)
+    vae = VAE(ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=32, latent_channels=4)
+    frames = torch.randn(1, 3, 2, 32, 32)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        vae.encode(frames, sample=False)
+    counted = counter.get_total_flops()
+    assert abs(2 * vae_encoder_flops(vae, 32, 32) - counted) / counted < 0.02, counted

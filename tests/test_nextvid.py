@@ -106,3 +106,29 @@ def test_psnr_and_both_baselines_on_a_hand_made_clip():
     assert scores['mean colour'] == pytest.approx((db(flat), db(flat[2:])))
     unmasked = next_frame_scores(encoder, None, None, video, None, steps=1, generator=None, generated=generated)
     assert unmasked['copy'] == (pytest.approx(db([(a - b) ** 2 for a, b in zip(*v)])), None)
+
+
+def test_vae_targets_are_the_latent_tokens_of_the_clip():
+    from nextvid import target_frames
+    from vae import VAE, latent_tokens
+    torch.manual_seed(0)
+    vae = VAE(ch=8, ch_mult=(1, 2), latent_channels=4, attn_resolutions=(), resolution=16).eval().requires_grad_(False)
+    build = lambda **target: NextVid.build('tiny', dict(dim=32, heads=2), 1, dict(dim=32, depth=1, heads=2), 'x', 'uniform',
+                                           encoder_config=dict(dim=32, depth=1, heads=2, patch=8), **target)
+    model = build(target='vae', vae=vae)
+    assert model.decoder.out.out_features == 2 * 4 * 4 * 4  # tubelet x (8 / factor 2)^2 x 4 channels
+    assert build().decoder.out.out_features == 2 * 8 * 8 * 3  # pixels
+    assert not any('vae' in name for name in model.state_dict()) and len(list(model.parameters())) == len(
+        list(build().parameters()))  # the frozen VAE is no submodule
+    video = torch.rand(2, 3, 4, 16, 16) * 2 - 1
+    expected = latent_tokens(vae.encode(video, sample=False), 4)
+    assert torch.equal(model.targets(video, sample=False), expected)
+    assert torch.equal(model.targets(video, generator=torch.Generator().manual_seed(3)),
+                       latent_tokens(vae.encode(video, generator=torch.Generator().manual_seed(3)), 4))
+    assert torch.equal(build().targets(video), patchify(video, 8))
+    frames = target_frames(expected, (2, 2, 2), 8, 2, vae)
+    assert frames.shape == video.shape and frames.abs().max() <= 1
+    with pytest.raises(ValueError, match='vae'):
+        build(target='vae')
+    flow, align = model(video, torch.randn(2, 8, 32), [None], tau_repeats=1)
+    assert torch.isfinite(flow) and torch.isfinite(align)

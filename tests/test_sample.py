@@ -1,4 +1,5 @@
 """sample.py: generation and rollout write a PNG, a GIF and an MP4 with the expected frames and sizes."""
+import os
 from copy import deepcopy
 
 import av
@@ -80,7 +81,7 @@ def test_rollout_writes_the_grown_clip(ckpt, picture, tmp_path):
 
 
 def test_rollout_starts_from_the_seed(ckpt, picture):
-    encoder, predictor, decoder, _ = sample.load_models(ckpt, 'cpu')
+    encoder, predictor, decoder, _, _ = sample.load_models(ckpt, 'cpu')
     seed = load_image_clip(picture, 2, RESOLUTION)[None]  # (1, 3, 2, 64, 64): one slot
     grown = sample.rollout(encoder, predictor, decoder, seed, 2, 1, torch.Generator().manual_seed(0))
     assert grown.shape == (1, 3, 6, RESOLUTION, RESOLUTION)
@@ -89,7 +90,7 @@ def test_rollout_starts_from_the_seed(ckpt, picture):
 
 
 def test_rollout_placeholder_has_no_influence(ckpt):
-    encoder, predictor, _, _ = sample.load_models(ckpt, 'cpu')
+    encoder, predictor, _, _, _ = sample.load_models(ckpt, 'cpu')
     past = torch.rand(1, 3, 4, RESOLUTION, RESOLUTION) * 2 - 1  # slots 0 and 1
     latents = []
     for placeholder in [torch.zeros(1, 3, 2, RESOLUTION, RESOLUTION), torch.randn(1, 3, 2, RESOLUTION, RESOLUTION)]:
@@ -129,3 +130,28 @@ def test_missing_or_undecodable_input_exits_with_its_message(ckpt, tmp_path, fla
     (tmp_path / 'broken.mp4').write_bytes(b'not a video at all')
     with pytest.raises(SystemExit, match='broken.mp4'):
         sample.main(['--ckpt', ckpt, flag, str(tmp_path / 'broken.mp4'), '--out_dir', str(tmp_path)])
+
+
+@pytest.fixture(scope='module')
+def vae_ckpt(tmp_path_factory):
+    """A 2-step --target vae run of train.py on 48 x 48 clips with a tiny random VAE (factor 2)."""
+    from test_train import SMALL, write_vae
+    directory = tmp_path_factory.mktemp('vae_run')
+    weights, stats = write_vae(str(directory))
+    train.train(SMALL + ['--target', 'vae', '--vae', weights, '--vae_stats', stats, '--steps', '1',
+                         '--out_dir', str(directory / 'out')])
+    return str(directory / 'out' / 'ckpt.pt'), weights
+
+
+def test_vae_target_generation_and_rollout_decode_to_pixels(vae_ckpt, picture, tmp_path, capsys):
+    ckpt, weights = vae_ckpt
+    size = lambda rows, columns, group: (sample.LABEL_WIDTH + columns * (48 * 2 + sample.GAP),
+                                         2 * sample.HEADER + rows * (48 * 2 + sample.GAP) + (rows - 1) // group * sample.GROUP_GAP)
+    paths = sample.main(['--ckpt', ckpt, '--out_dir', str(tmp_path / 'g'), '--clips', '1', '--steps', '1'])
+    check_outputs(paths, size(3, 4, group=3), size(1, 3, group=1), 4)  # real, masked input, generated; 4 frames
+    assert 'next-frame PSNR' in capsys.readouterr().out
+    paths = sample.main(['--ckpt', ckpt, '--image', picture, '--rollout', '1', '--out_dir', str(tmp_path / 'r'), '--steps', '1'])
+    check_outputs(paths, size(2, 4, group=2), size(1, 2, group=1), 4)
+    os.remove(weights)
+    with pytest.raises(SystemExit, match='vae.pt'):  # the checkpoint names the VAE files it needs
+        sample.load_models(ckpt, 'cpu')

@@ -157,3 +157,48 @@ def test_torchrun_two_ranks_on_cpu(tmp_path):
     checkpoint = torch.load(os.path.join(str(tmp_path), 'ckpt.pt'), weights_only=False)
     assert not any(k.startswith('module.') for k in checkpoint['encoder'])  # the raw module, not DDP's wrapper
     assert checkpoint['step'] == 3 and checkpoint['args']['batch_size'] == 16
+
+
+TINY_VAE = dict(ch=8, ch_mult=(1, 2), latent_channels=4, attn_resolutions=(), resolution=48)  # factor 2
+
+
+def write_vae(directory, **config):
+    """A random tiny VAE file carrying its own config (vae.load_vae's convention) and its latent stats."""
+    from vae import VAE
+    config = {**TINY_VAE, **config}
+    torch.manual_seed(1)
+    weights, stats = os.path.join(directory, 'vae.pt'), os.path.join(directory, 'stats.pt')
+    torch.save({'config': config, **VAE(**config).state_dict()}, weights)
+    channels = config['latent_channels']
+    torch.save({'mean': torch.randn(channels) * 0.1, 'std': torch.rand(channels) + 0.5}, stats)
+    return weights, stats
+
+
+def test_vae_target_trains_and_resumes(tmp_path):
+    weights, stats = write_vae(str(tmp_path))
+    out = str(tmp_path / 'run')
+    flags = SMALL + ['--target', 'vae', '--vae', weights, '--vae_stats', stats, '--steps', '3', '--out_dir', out]
+    train.train(flags + ['--stop_at', '2'])
+    checkpoint = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)
+    assert (checkpoint['args']['target'], checkpoint['args']['vae'], checkpoint['args']['vae_stats']) == ('vae', weights, stats)
+    assert checkpoint['decoder']['out.weight'].shape[0] == 2 * 4 * 4 * 4  # tubelet x (8 / 2)^2 latent pixels x 4 channels
+    assert not any(key.startswith(('vae', 'encoder.down')) for key in checkpoint['encoder'])  # no VAE in the checkpoint
+    train.train(['--resume', '--out_dir', out, '--log_every', '1'])  # the recorded target and VAE files
+    assert sorted(losses(out)) == [1, 2, 3]
+    scores = [r for r in map(json.loads, open(os.path.join(out, 'log.jsonl'))) if 'psnr_generated' in r]
+    assert [r['step'] for r in scores] == [0, 2, 3] and all(5 < r['psnr_generated'] < 60 for r in scores)
+
+
+def test_vae_target_checks_its_files_and_patch_before_building(tmp_path, monkeypatch):
+    weights, stats = write_vae(str(tmp_path))
+    monkeypatch.setattr(train.NextVid, 'build', lambda *a, **k: pytest.fail('built the models before checking the VAE'))
+    base = SMALL + ['--target', 'vae', '--steps', '2', '--out_dir', str(tmp_path / 'out')]
+    with pytest.raises(SystemExit, match='nowhere.pt'):
+        train.train(base + ['--vae', str(tmp_path / 'nowhere.pt'), '--vae_stats', stats])
+    with pytest.raises(SystemExit, match='--vae_stats'):
+        train.train(base + ['--vae', weights])
+    coarse = tmp_path / 'coarse'
+    coarse.mkdir()
+    weights, stats = write_vae(str(coarse), ch_mult=(1, 1, 1, 1, 1))  # factor 16 > the tiny ViT's patch 8
+    with pytest.raises(SystemExit, match='not a multiple'):
+        train.train(base + ['--vae', weights, '--vae_stats', stats])
