@@ -165,6 +165,13 @@ def generate(encoder, predictor, decoder, video, keep, steps, generator, samples
     return tokens if vae is not None else tokens.clamp(-1, 1)
 
 
+def effective_rank(features):
+    """exp(entropy) of the normalised singular values of centred (n, D) features."""
+    s = torch.linalg.svdvals(features.float() - features.float().mean(0))
+    p = s / s.sum()
+    return math.exp(-(p * torch.log(p.clamp_min(1e-12))).sum().item())
+
+
 def psnr(squared_error, count):
     """PSNR in dB of pixels in [-1, 1] (peak-to-peak 2) from a sum of squared errors over `count` values."""
     return 10 * math.log10(4 * count / squared_error) if count else None

@@ -33,7 +33,7 @@ from data import load_image_clip, load_video_clip, make_dataset
 from decoder import patchify, unpatchify
 from masks import parse_masks, sample_keep
 from nextvid import NextVid, format_scores, generate, next_frame_scores, target_frames
-from train import open_vae
+from vae import open_vae
 
 DISPLAY = 128  # frames are upscaled (nearest) by the largest whole factor that keeps them <= this, at least 1
 LABEL_WIDTH, HEADER, GAP, GROUP_GAP = 90, 16, 2, 10  # pixels: row labels, text lines, between cells, between clips
@@ -67,7 +67,8 @@ def load_models(path, device):
     checkpoint = torch.load(path, map_location='cpu', weights_only=False)
     train_args = {'prediction': 'v', 'tau_sampling': 'uniform', 'target': 'pixel', 'vae': None, 'vae_stats': None,
                   **checkpoint['args']}  # runs before --prediction were v
-    vae = open_vae(train_args['target'], train_args['vae'], train_args['vae_stats'], checkpoint['encoder_config']['patch'])
+    patch = checkpoint['encoder_config'].get('patch', 16)  # 16: Encoder's default
+    vae = open_vae(train_args['target'], train_args['vae'], train_args['vae_stats'], patch)
     with torch.device('meta'):  # no time spent on a random init that the checkpoint overwrites
         model = NextVid.build(**{**train_args, 'vae': vae}, encoder_config=checkpoint['encoder_config'])
     encoder, predictor, decoder = model.encoder, model.predictor, model.decoder

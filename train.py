@@ -16,10 +16,8 @@ and time per clip. L = 0.5 * L_flow + 1.0 * L_align. At every save the log gets 
 features' effective rank and the PSNR of masked next-frame generation on a fixed batch, next to
 two baselines (copy the last visible frame; each clip's mean colour).
 
---target vae --vae W --vae_stats S: the decoder generates a frozen VA-VAE's latents (vae.py) instead
-of pixels, a posterior sample per clip and step; the scores decode them to pixels. W is loaded with
-vae.VAE()'s defaults (the released f16d32 file) unless it holds a 'config' dict next to its state
-dict (vae.load_vae); the checkpoint records the two paths, not the VAE.
+--target vae --vae W --vae_stats S: the decoder generates a frozen VA-VAE's latents (vae.py; a
+posterior sample per clip and step) instead of pixels; the scores decode them. The checkpoint records the paths.
 """
 import argparse
 import json
@@ -40,8 +38,8 @@ from tqdm import tqdm
 from data import make_dataset
 from encoder import SIZES
 from masks import parse_masks, sample_keep
-from nextvid import RECIPE, NextVid, format_scores, next_frame_scores, recolour
-from vae import latent_patch, load_vae
+from nextvid import RECIPE, NextVid, effective_rank, format_scores, next_frame_scores, recolour
+from vae import open_vae
 
 # The four stages of Table 8 as shares of the run (12K, 28K, 80K, 12K of 132K steps):
 # (name, share, lr from and to as multiples of --lr, decoder lr as a multiple of --decoder_lr
@@ -129,13 +127,6 @@ def schedule(step, args):
                         tau_repeats=args.tau_repeats if repeats else 1, start=math.ceil(start))
 
 
-def effective_rank(features):
-    """exp(entropy) of the normalised singular values of centred (n, D) features."""
-    s = torch.linalg.svdvals(features.float() - features.float().mean(0))
-    p = s / s.sum()
-    return math.exp(-(p * torch.log(p.clamp_min(1e-12))).sum().item())
-
-
 # -----------------------------------------------------------------------------
 # data order: every sample has a global number, so ranks split the data and resume is exact
 
@@ -215,24 +206,6 @@ def check_data(args):
         raise SystemExit(f"--data {args.data}: {error}")
 
 
-def open_vae(target, weights, stats, patch):
-    """The frozen VAE of a --target vae run (None for pixels), or SystemExit with the reason: a flag
-    or file missing, weights that do not fit, a ViT patch that is not a multiple of its factor."""
-    if target != 'vae':
-        return None
-    for flag, path in (('vae', weights), ('vae_stats', stats)):
-        if not path:
-            raise SystemExit(f"--target vae needs --{flag}")
-        if not os.path.isfile(path):
-            raise SystemExit(f"--{flag} {path}: no such file (VA-VAE files: huggingface.co/hustvl/vavae-imagenet256-f16d32-dinov2)")
-    try:
-        vae = load_vae(weights, stats)
-        latent_patch(patch, vae.factor)
-    except (ValueError, FileNotFoundError, KeyError) as error:
-        raise SystemExit(f"--target vae: {error}")
-    return vae
-
-
 def setup_distributed(args):
     """DDP from torchrun's environment: nccl on CUDA, gloo on CPU. Returns (rank, world)."""
     if int(os.environ.get('RANK', -1)) == -1:
@@ -284,7 +257,7 @@ def train(argv=None):
     master = rank == 0
     checkpoint = load_resume(args, given) if args.resume else None
     check_data(args)
-    vae = open_vae(args.target, args.vae, args.vae_stats, SIZES[args.size]['patch'])  # before the models: a bad file exits now
+    vae = open_vae(args.target, args.vae, args.vae_stats, SIZES[args.size].get('patch', 16))  # before the models
     if args.num_workers is None:
         args.num_workers = 8 if args.device.startswith('cuda') else 0
     args.dtype = args.dtype or ('bf16' if args.device.startswith('cuda') else 'fp32')

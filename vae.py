@@ -269,3 +269,21 @@ def latent_tokens(latents, patch, tubelet=2):
 def latent_frames(tokens, grid, patch, tubelet=2):
     """(B, T*h'*w', tubelet*patch*patch*C) -> (B, C, T*tubelet, h'*patch, w'*patch); grid (T, h', w')."""
     return unpatchify(tokens, grid, patch, tubelet)
+
+
+def open_vae(target, weights, stats, patch):
+    """The frozen VAE of a --target vae run (None for pixels), or SystemExit with the reason: a flag
+    or file missing, weights that do not fit, a ViT patch that is not a multiple of its factor."""
+    if target != 'vae':
+        return None
+    for flag, path in (('vae', weights), ('vae_stats', stats)):
+        if not path:
+            raise SystemExit(f"--target vae needs --{flag}")
+        if not os.path.isfile(path):
+            raise SystemExit(f"--{flag} {path}: no such file (VA-VAE files: huggingface.co/hustvl/vavae-imagenet256-f16d32-dinov2)")
+    try:
+        vae = load_vae(weights, stats)
+        latent_patch(patch, vae.factor)
+    except (ValueError, FileNotFoundError, KeyError) as error:
+        raise SystemExit(f"--target vae: {error}")
+    return vae
