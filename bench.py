@@ -177,7 +177,7 @@ def main():
     encoder.grad_checkpointing = model.decoder.grad_checkpointing = args.grad_checkpointing
     if args.compile:
         for block in [*encoder.blocks, *model.predictor.blocks, *model.decoder.blocks, *ema.blocks]:
-            block.compile()
+            block.compile(dynamic=False)  # as train.py: fixed kept counts, one graph per length
     optimizer = torch.optim.AdamW(model.param_groups(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == 'cuda')
     ema_params, online_params = list(ema.parameters()), list(encoder.parameters())
 

@@ -55,27 +55,39 @@ def draw_mask(grid_hw, num_blocks, block_hw, generator=None):
     return masked
 
 
-def sample_keep(batch, grid, num_blocks, scale, aspect=(0.75, 1.5), generator=None):
-    """Kept-token indices (B, T*k) for one mask generator, k kept positions per slot.
+@lru_cache(maxsize=None)
+def kept_count(grid_hw, num_blocks, scale, aspect=(0.75, 1.5)):
+    """How many spatial positions every sample of this mask generator keeps: the 5th percentile
+    of one draw's kept count (1000 draws at a fixed seed; at least 1). Fixed per generator and
+    grid, so the encoder's sequence length, and compiled attention's shapes, never change from
+    batch to batch. It is about what V-JEPA's batch minimum gave at micro-batch 16 (tests)."""
+    generator = torch.Generator().manual_seed(0)
+    kept = sorted(int((~draw_mask(grid_hw, num_blocks, block_size(grid_hw, scale, aspect, generator), generator)).sum())
+                  for _ in range(1000))
+    return max(kept[len(kept) // 20], 1)
 
-    The block size is drawn once per batch; positions are drawn per sample. Every sample
-    keeps the same k = batch minimum of spatial positions: samples with more drop random
-    extras (a position is dropped in every slot, so no late slot is ever dropped whole).
-    A sample with nothing kept is redrawn.
+
+def sample_keep(batch, grid, num_blocks, scale, aspect=(0.75, 1.5), generator=None):
+    """Kept-token indices (B, T*k) for one mask generator, k = kept_count(...) positions per slot.
+
+    Each sample draws a block size and block positions; a draw that keeps fewer than k
+    positions is redrawn (about 5% of draws), one that keeps more drops random extras (a
+    position is dropped in every slot, so no late slot is ever dropped whole). V-JEPA instead
+    draws the block size once per batch and keeps the batch minimum, a count that changes
+    with every batch and with the micro-batch size.
     """
     T, H, W = grid
-    block_hw = block_size((H, W), scale, aspect, generator)
+    k = kept_count((H, W), num_blocks, scale, aspect)
     kept = []
     for _ in range(batch):
-        for _attempt in range(100):
-            masked = draw_mask((H, W), num_blocks, block_hw, generator)
-            if not masked.all():
+        for _attempt in range(1000):
+            masked = draw_mask((H, W), num_blocks, block_size((H, W), scale, aspect, generator), generator)
+            if (~masked).sum() >= k:
                 break
         else:
             raise ValueError(f"{num_blocks} blocks of scale {scale} mask the whole {H}x{W} grid")
-        kept.append((~masked).flatten().nonzero().squeeze(1))  # (k_b,) spatial positions
-    k = min(len(p) for p in kept)
-    kept = [p[torch.randperm(len(p), generator=generator)[:k]].sort().values for p in kept]
+        positions = (~masked).flatten().nonzero().squeeze(1)  # (k_b,) spatial positions, k_b >= k
+        kept.append(positions[torch.randperm(len(positions), generator=generator)[:k]].sort().values)
     spatial = torch.stack(kept)  # (B, k)
     slot_start = torch.arange(T) * H * W  # (T,)
     keep = spatial[:, None, :] + slot_start[None, :, None]  # (B, T, k)
@@ -147,8 +159,9 @@ class Pattern:
 # the attention function
 
 IMPLS = ('auto', 'dense', 'slots', 'flex')
-# Measured by bench.py (README, Performance). On CUDA, flex was 8% faster at l with one fixed mask, but
-# training draws a new kept count per batch and compiled FlexAttention recompiles for each new length.
+# Measured by bench.py (README, Performance). On CUDA, flex was 8% faster at l with one fixed mask;
+# kept counts are now fixed per generator (kept_count), so compiled flex would compile once, but it is
+# not the default until a GPU measures the training step with it.
 DEFAULT_IMPL = {'cpu': 'slots', 'cuda': 'slots'}
 
 

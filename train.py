@@ -281,11 +281,11 @@ def train(argv=None):
         del checkpoint
     encoder.grad_checkpointing = decoder.grad_checkpointing = args.grad_checkpointing
     if args.compile:
-        # Block.forward compiles 4 graphs (reference, online, predictor, predictor at a new context
-        # length), and each again for the cool-down's batch: 8, dynamo's default limit. 16 leaves room.
+        # Static shapes: each mask generator keeps a fixed count (masks.kept_count), so Block.forward compiles
+        # one graph per length (reference, each generator's online and context), again for the cool-down, no more.
         torch._dynamo.config.recompile_limit = 16
         for block in [*encoder.blocks, *predictor.blocks, *decoder.blocks, *ema.blocks]:
-            block.compile()  # in place: state_dict keys stay those of the raw modules
+            block.compile(dynamic=False)  # in place: state_dict keys stay those of the raw modules
     trained = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None) if world > 1 else model
     ema_params, online_params = list(ema.parameters()), list(encoder.parameters())
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from masks import Pattern, attend, block_size, draw_mask, parse_masks, sample_keep, slot_counts
+from masks import Pattern, attend, block_size, draw_mask, kept_count, parse_masks, sample_keep, slot_counts
 
 
 def test_patterns_for_three_slots_of_one_token():
@@ -102,6 +102,24 @@ def test_keep_is_temporally_consistent_equal_and_nonempty():
         assert (spatial == spatial[:, :1]).all()  # the same positions in every slot
         assert (keep.diff(dim=1) > 0).all()  # sorted, no repeats
         assert slot_counts(keep, (T, H, W)) == (k,) * T
+        assert k == kept_count((H, W), num_blocks, scale)  # the generator's fixed count, whatever the draw
+
+
+def test_kept_count_is_fixed_per_generator_and_close_to_the_batch_minimum():
+    """The fixed count replaces V-JEPA's batch minimum (one block size per batch, the smallest
+    kept count of its samples): at micro-batch 16 on the paper's 16 x 16 grid the two keep about
+    the same number of positions, so the masking ratio the method trains with stays the same."""
+    g = torch.Generator().manual_seed(0)
+    for num_blocks, scale in [(8, 0.15), (2, 0.7)]:
+        k = kept_count((16, 16), num_blocks, scale)
+        shapes = {sample_keep(4, (2, 16, 16), num_blocks, scale, generator=g).shape for _ in range(10)}
+        assert shapes == {(4, 2 * k)}  # the same length batch after batch
+        minima = []
+        for _ in range(100):
+            block_hw = block_size((16, 16), scale, (0.75, 1.5), g)
+            minima.append(min(int((~draw_mask((16, 16), num_blocks, block_hw, g)).sum()) for _ in range(16)))
+        batch_minimum = sum(minima) / len(minima)
+        assert abs(k - batch_minimum) <= 0.2 * batch_minimum, (k, batch_minimum)
 
 
 def test_keep_is_reproducible_under_a_seed():

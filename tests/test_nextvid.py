@@ -6,6 +6,7 @@ import torch
 
 from decoder import Decoder, patchify
 from encoder import Encoder
+from masks import sample_keep
 from nextvid import NextVid, next_frame_scores, sample_tau
 
 GRID = (3, 2, 2)  # three slots of a 2 x 2 token grid
@@ -132,3 +133,35 @@ def test_vae_targets_are_the_latent_tokens_of_the_clip():
         build(target='vae')
     flow, align = model(video, torch.randn(2, 8, 32), [None], tau_repeats=1)
     assert torch.isfinite(flow) and torch.isfinite(align)
+
+
+def test_the_compiled_step_does_not_recompile_from_batch_to_batch():
+    """train.py --compile compiles every block with static shapes; a new kept count would be a new
+    sequence length and a recompile (with V-JEPA's batch minimum: 4 more graphs in 3 steps, then
+    dynamo's limit and eager). Count the compilations over steps with fresh masks from two
+    generators: after the first step, none."""
+    torch._dynamo.reset()
+    compiled = []
+
+    def counting_backend(graph, example_inputs):
+        compiled.append(graph)
+        return graph.forward
+
+    torch.manual_seed(0)
+    model = NextVid.build('tiny', predictor=dict(dim=32, heads=2), predictor_depth=1, prediction='x',
+                          decoder=dict(dim=32, depth=1, heads=2), tau_sampling='uniform',
+                          encoder_config=dict(dim=32, depth=2, heads=2, patch=8))
+    for block in [*model.encoder.blocks, *model.predictor.blocks, *model.decoder.blocks]:
+        block.compile(backend=counting_backend, dynamic=False)  # as train.py
+    video = torch.randn(2, 3, 8, 32, 32)
+    grid = model.encoder.grid(video)  # (4, 4, 4)
+    target = torch.randn(2, 64, 32)
+    generator = torch.Generator().manual_seed(0)
+    counts = []
+    for _ in range(4):
+        keeps = [sample_keep(2, grid, 2, 0.15, generator=generator), sample_keep(2, grid, 1, 0.5, generator=generator)]
+        flow, align = model(video, target, keeps, tau_repeats=1)
+        (flow + align).backward()
+        counts.append(len(compiled))
+    torch._dynamo.reset()
+    assert counts[0] > 0 and counts[1:] == [counts[0]] * 3, counts
