@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import data
+import video
 from encoder import SIZES
 from masks import Pattern, parse_masks, sample_keep
 from nextvid import RECIPE, NextVid
@@ -135,7 +136,7 @@ def bench_loader(args, recipe):
             dataset[i]
         seconds = (time.perf_counter() - start) / args.clips
         result.update(clips=args.clips, ms_per_clip=round(1000 * seconds, 1), clips_per_s=round(1 / seconds, 2))
-    print(json.dumps(dict(result, fallbacks=data.fallbacks)))
+    print(json.dumps(dict(result, fallbacks=video.fallbacks)))
 
 
 def main():

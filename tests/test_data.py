@@ -14,6 +14,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
+import video  # noqa: E402
 
 
 def write_video(path, n_frames, fps=12, width=64, height=48):
@@ -243,7 +244,7 @@ def test_mostly_unreadable_data_raises(tmp_path):
 # ---------------------------------------------------------------- seeking
 
 def old_read_video(path, frames, fps, places):
-    """data.read_video before it seeked, verbatim but for the errors: the reference it must match."""
+    """video.read_video before it seeked, verbatim but for the errors: the reference it must match."""
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         source_fps = float(stream.average_rate or 30)
@@ -297,16 +298,16 @@ PLACES = [[0.0], [0.5], [1.0], [0.05, 0.5, 0.95]]
 
 
 def assert_same_as_decoding_from_start(path):
-    before = data.fallbacks
+    before = video.fallbacks
     for frames, fps in CLIP_SHAPES:
         for places in PLACES:
-            new, old = data.read_video(path, frames, fps, places), old_read_video(path, frames, fps, places)
+            new, old = video.read_video(path, frames, fps, places), old_read_video(path, frames, fps, places)
             assert new.dtype == old.dtype == np.uint8 and new.shape == old.shape == (len(places), frames, 48, 64, 3)
             for clip in range(len(places)):
                 for t in range(frames):  # frame by frame, for a readable failure
                     assert np.array_equal(new[clip, t], old[clip, t]), (path.name, frames, fps, places, clip, t)
-            assert np.array_equal(data.read_video(path, frames, fps, places, seek=False), old)
-    assert data.fallbacks == before, f'{path.name} did not seek'
+            assert np.array_equal(video.read_video(path, frames, fps, places, seek=False), old)
+    assert video.fallbacks == before, f'{path.name} did not seek'
 
 
 @pytest.mark.parametrize('name, codec, gop', [
@@ -329,31 +330,31 @@ def test_seeking_counts_frames_at_a_variable_frame_rate(tmp_path, suffix):
 
 def test_seeking_decodes_from_the_keyframe_before_the_clip(tmp_path, monkeypatch):
     path = write_coded_video(tmp_path / 'long.mp4', 240, 12)
-    decoded, frames_from = [], data.frames_from
+    decoded, frames_from = [], video.frames_from
 
     def counting(*args):
         for frame in frames_from(*args):
             decoded.append(frame.pts)
             yield frame
-    monkeypatch.setattr(data, 'frames_from', counting)
-    data.read_video(path, 8, 6, [1.0])  # 29 frames (every 4th of them) at the end of 240
+    monkeypatch.setattr(video, 'frames_from', counting)
+    video.read_video(path, 8, 6, [1.0])  # 29 frames (every 4th of them) at the end of 240
     assert 29 <= len(decoded) <= 29 + 11
 
 
 def test_unseekable_files_are_decoded_from_the_start_silently(tmp_path, monkeypatch):
     raw = write_coded_video(tmp_path / 'raw.h264', 96, 12, fmt='h264')  # no timestamps to seek by
-    before = data.fallbacks
+    before = video.fallbacks
     with warnings.catch_warnings():
         warnings.simplefilter('error')
-        assert np.array_equal(data.read_video(raw, 8, 6, [0.5, 1.0]), old_read_video(raw, 8, 6, [0.5, 1.0]))
-    assert data.fallbacks == before + 1
+        assert np.array_equal(video.read_video(raw, 8, 6, [0.5, 1.0]), old_read_video(raw, 8, 6, [0.5, 1.0]))
+    assert video.fallbacks == before + 1
     path = write_coded_video(tmp_path / 'a.mp4', 96, 12)
 
     def refuse(*args):
         raise av.FFmpegError(1, 'Operation not permitted')  # as from a container that cannot seek
-    monkeypatch.setattr(data, 'frames_from', refuse)
-    assert np.array_equal(data.read_video(path, 8, 6, [1.0]), old_read_video(path, 8, 6, [1.0]))
-    assert data.fallbacks == before + 2
+    monkeypatch.setattr(video, 'frames_from', refuse)
+    assert np.array_equal(video.read_video(path, 8, 6, [1.0]), old_read_video(path, 8, 6, [1.0]))
+    assert video.fallbacks == before + 2
 
 
 # ---------------------------------------------------------------- images, mixes and specs
