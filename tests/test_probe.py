@@ -12,6 +12,7 @@ import torch
 from einops import rearrange
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import attentive_probe  # noqa: E402
 import probe  # noqa: E402
 from encoder import Encoder  # noqa: E402
 
@@ -65,9 +66,9 @@ def test_segments_and_views_shapes():
 
 def test_softmax_is_averaged_over_views():
     torch.manual_seed(0)
-    head = probe.AttentiveProbe(dim=32, heads=16, classes=5).eval()
+    head = attentive_probe.AttentiveProbe(dim=32, heads=16, classes=5).eval()
     tokens = torch.randn(4, 3, 10, 32)  # (B, V, L, D)
-    probabilities = probe.predict(head, tokens)
+    probabilities = attentive_probe.predict(head, tokens)
     assert probabilities.shape == (4, 5)
     per_view = torch.stack([head(tokens[:, v]).softmax(-1) for v in range(3)], dim=1)  # (B, V, classes)
     torch.testing.assert_close(probabilities, per_view.mean(1))
@@ -131,7 +132,7 @@ def test_clear_errors(tmp_path):
 
 def test_pooled_attention_equals_projected_attention():
     torch.manual_seed(0)
-    head = probe.AttentiveProbe(dim=48, heads=4, classes=3)
+    head = attentive_probe.AttentiveProbe(dim=48, heads=4, classes=3)
     for p in head.parameters():  # leave the init (zero biases) so biases are tested too
         p.data.normal_(0, 0.3)
     tokens = torch.randn(5, 17, 48)
@@ -174,12 +175,12 @@ def frozen_probe_top1(encoder, train, val, dim, epochs):
 def test_pixel_tokens_shape_order_and_fixed_map():
     video = torch.randn(2, 3, 4, 16, 24)
     encoder = Encoder(dim=32, depth=1, heads=2, patch=8).eval()
-    pixels = probe.PixelTokens(patch=8, tubelet=2, dim=32, seed=3)
+    pixels = attentive_probe.PixelTokens(patch=8, tubelet=2, dim=32, seed=3)
     assert pixels(video).shape == encoder(video).shape == (2, 2 * 2 * 3, 32)  # (B, N, D), N = T x h x w
     assert list(pixels.parameters()) == [] and pixels.num_params() == 2 * 8 * 8 * 3 * 32  # a buffer: nothing trains
     torch.testing.assert_close(pixels.weight.std(), torch.tensor((2 * 8 * 8 * 3) ** -0.5), rtol=0.05, atol=0)
-    assert torch.equal(pixels(video), probe.PixelTokens(8, 2, 32, seed=3)(video))  # same seed, same map
-    assert not torch.allclose(pixels(video), probe.PixelTokens(8, 2, 32, seed=4)(video))
+    assert torch.equal(pixels(video), attentive_probe.PixelTokens(8, 2, 32, seed=3)(video))  # same seed, same map
+    assert not torch.allclose(pixels(video), attentive_probe.PixelTokens(8, 2, 32, seed=4)(video))
     # with the encoder's patch embedding as its map, the same tokens in the same order: the Conv3d's
     pixels.weight = rearrange(encoder.embed.weight.detach(), 'd c t h w -> (t h w c) d')
     expected = rearrange(encoder.embed(video), 'b d t h w -> b (t h w) d')
@@ -196,9 +197,9 @@ def test_pixels_read_the_mean_colour():
         labels = torch.randint(4, (n,), generator=generator)
         noise = torch.randn(n, 3, 2, 16, 16, generator=generator)
         return ToyClips(colours[labels][:, :, None, None, None] + noise, labels)
-    pixels = probe.PixelTokens(patch=8, tubelet=2, dim=32, seed=0)
+    pixels = attentive_probe.PixelTokens(patch=8, tubelet=2, dim=32, seed=0)
     assert frozen_probe_top1(pixels, toy(256), toy(256), dim=32, epochs=4) >= 90
-    assert torch.equal(pixels.weight, probe.PixelTokens(8, 2, 32, seed=0).weight)  # the probe left the map as it was
+    assert torch.equal(pixels.weight, attentive_probe.PixelTokens(8, 2, 32, seed=0).weight)  # the probe left the map as it was
 
 
 def test_supervised_learns_what_the_frozen_encoder_cannot_see():
