@@ -29,6 +29,7 @@ from vae import latent_frames, latent_patch, latent_tokens
 PAPER = dict(steps=132000, batch_size=3072, micro_batch_size=16, lr=5e-4, decoder_lr=8e-4, frames=16, resolution=256, fps=4.0,
              cooldown_frames=64, tau_repeats=4, ema=0.99925, recolour_targets=False, masks='8x0.15,2x0.7', flow_weight=0.5,
              align_weight=1.0, predictor_lr_scale=1.0, prediction='x', tau_sampling='uniform', predictor_depth=12,
+             previous_slot=False, reference_condition=0.0,
              predictor=dict(dim=384, heads=12), decoder=dict(dim=384, depth=12, heads=12))
 RECIPE = {  # the smaller sizes are decided here
     # tiny: minutes on 2 CPU cores. Adapted to a run of hundreds of steps on an 8 x 8 token grid:
@@ -43,9 +44,14 @@ RECIPE = {  # the smaller sizes are decided here
     #   tau logit_normal    JiT's times; with uniform tau the next-frame PSNR was lower (README)
     #   recolour_targets off: recoloured targets (+4 shape on the probe at v-prediction) teach z_t to
     #                   ignore the colours the decoder must draw (README); `--recolour_targets` for the probe recipe
+    #   previous_slot   each query starts from its position's encoder output one slot earlier (predictor.py):
+    #                   the one-block predictor alone left z_t without each token's detail (RESULTS.md)
+    #   reference_condition 0.5  half the decoder's inputs read c'_t, so the decoder learns to draw the
+    #                   detail that z_t is pulled towards before z_t has it (+2.5 dB at step 400, RESULTS.md)
     'tiny': {**PAPER, 'steps': 400, 'batch_size': 16, 'lr': 1e-4, 'frames': 8, 'resolution': 64, 'cooldown_frames': 16,
              'tau_repeats': 1, 'masks': '4x0.15,1x0.5', 'predictor_lr_scale': 8.0, 'tau_sampling': 'logit_normal',
-             'predictor_depth': 1, 'predictor': dict(dim=192, heads=3), 'decoder': dict(dim=192, depth=4, heads=3)},
+             'predictor_depth': 1, 'previous_slot': True, 'reference_condition': 0.5,
+             'predictor': dict(dim=192, heads=3), 'decoder': dict(dim=192, depth=4, heads=3)},
     's': {**PAPER, 'steps': 20000, 'batch_size': 256, 'micro_batch_size': 32, 'resolution': 128, 'cooldown_frames': 32,
           'predictor_depth': 6, 'predictor': dict(dim=384, heads=6), 'decoder': dict(dim=384, depth=6, heads=6)},
     'b': {**PAPER, 'steps': 60000, 'batch_size': 1024, 'micro_batch_size': 32},
@@ -67,10 +73,10 @@ class NextVid(nn.Module):
     """The three trained pieces and the objective: returns (L_flow, L_align) for a batch. The decoder's
     target is pixels (vae None) or the latents of a frozen vae.VAE."""
 
-    def __init__(self, encoder, predictor, decoder, tau_sampling='uniform', vae=None):
+    def __init__(self, encoder, predictor, decoder, tau_sampling='uniform', vae=None, reference_condition=0.0):
         super().__init__()
         self.encoder, self.predictor, self.decoder = encoder, predictor, decoder
-        self.tau_sampling = tau_sampling
+        self.tau_sampling, self.reference_condition = tau_sampling, reference_condition
         # frozen and not trained: a plain attribute, not a submodule, so it stays out of parameters(),
         # state_dict() (the checkpoint records its file paths instead), param_groups() and DDP, and
         # .to() does not move it (the caller does)
@@ -78,7 +84,7 @@ class NextVid(nn.Module):
 
     @classmethod
     def build(cls, size, predictor, predictor_depth, decoder, prediction, tau_sampling, encoder_config=None,
-              target='pixel', vae=None, **_):
+              target='pixel', vae=None, previous_slot=False, reference_condition=0.0, **_):
         """The networks of a size from recipe entries (RECIPE[size], or a checkpoint's args); target
         'pixel', or 'vae' with the loaded vae.VAE (a checkpoint's args hold its path: pass the module)."""
         encoder = Encoder(**(encoder_config or SIZES[size]))
@@ -88,8 +94,8 @@ class NextVid(nn.Module):
             target_dim = encoder.tubelet * encoder.patch ** 2 * 3  # one 2 x p x p x 3 cube of pixels
         else:  # one 2 x p' x p' x C cube of latents, p' = p / f: 64 values for patch 16 over f16d32
             target_dim = encoder.tubelet * latent_patch(encoder.patch, vae.factor) ** 2 * vae.latent_channels
-        return cls(encoder, Predictor(encoder.dim, **{**predictor, 'depth': predictor_depth}),
-                   Decoder(encoder.dim, target_dim, **decoder, prediction=prediction), tau_sampling, vae)
+        return cls(encoder, Predictor(encoder.dim, **predictor, depth=predictor_depth, previous_slot=previous_slot),
+                   Decoder(encoder.dim, target_dim, **decoder, prediction=prediction), tau_sampling, vae, reference_condition)
 
     def targets(self, video, sample=True, generator=None):
         """The decoder's targets for every token of video (B, 3, F, H, W): (B, N, target_dim), pixels
@@ -107,7 +113,11 @@ class NextVid(nn.Module):
         T, h, w = grid = self.encoder.grid(video)
         S = h * w
         z = torch.cat([self.predictor(self.encoder(video, keep), keep, grid) for keep in keeps])  # (G*B, L, D)
-        align = F.mse_loss(z.float(), target[:, S:].repeat(len(keeps), 1, 1))
+        aim = target[:, S:].repeat(len(keeps), 1, 1)  # (G*B, L, D) c'_t
+        align = F.mse_loss(z.float(), aim)
+        if self.reference_condition:  # that share of the decoder's inputs reads c'_t itself, not z_t (RECIPE)
+            reads_reference = torch.rand(len(z), 1, 1, device=z.device) < self.reference_condition
+            z = torch.where(reads_reference, aim.to(z.dtype), z)
         # flow matching, tau_repeats fresh (noise, tau) per decoder input (MAR's trick)
         x1 = self.targets(video)[:, S:]  # (B, L, P) slots 1..T-1
         x1 = x1.repeat(len(keeps) * tau_repeats, 1, 1)  # (R*G*B, L, P)

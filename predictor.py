@@ -12,6 +12,12 @@ the reference encoder's features c'_t (L_align) and conditions the decoder (L_fl
   ("context isolation"). There is no self-attention among queries.
 - Autoregressive pattern: a query of slot t sees context tokens of slots < t only.
 - Output: LayerNorm -> Linear back to the encoder width.
+- previous_slot (not in the paper; tiny's recipe): the query of a target position also starts from
+  the projected context token at the same position one slot earlier, where the mask kept it, and
+  that context token is added to the output, so z_t = c_{t-1} + a learned change. A shared query
+  told apart by RoPE alone gave every token of a slot nearly the same z_t at tiny's 400 steps, and
+  the decoder had no token detail to draw (RESULTS.md, "Next-frame generation"). Slot t-1 is
+  context of slot t's queries anyway: the pattern stays autoregressive.
 
 At enc_dim 1024 (ViT-L) it has about 22.1M parameters:
     python -c "from predictor import Predictor; print(Predictor(1024).num_params())"
@@ -25,8 +31,9 @@ from masks import Pattern, slot_counts
 
 class Predictor(nn.Module):
 
-    def __init__(self, enc_dim, dim=384, depth=12, heads=12, mlp_ratio=4.0):
+    def __init__(self, enc_dim, dim=384, depth=12, heads=12, mlp_ratio=4.0, previous_slot=False):
         super().__init__()
+        self.previous_slot = previous_slot
         self.context_norm = nn.LayerNorm(enc_dim)
         self.context_proj = nn.Linear(enc_dim, dim)
         self.query = nn.Parameter(torch.zeros(dim))  # zero init, shared by all targets
@@ -42,6 +49,7 @@ class Predictor(nn.Module):
         T, h, w = grid
         S = h * w
         B = context.shape[0]
+        features = context  # (B, K, enc_dim) the encoder output at the kept tokens
         context = self.context_proj(self.context_norm(context))  # (B, K, dim), used as key/value only
         context_pos = positions(grid).to(context.device)  # (N, 3)
         if keep is not None:
@@ -49,9 +57,17 @@ class Predictor(nn.Module):
         query_pos = positions(grid)[S:].to(context.device)  # (L, 3), L = (T-1)*S targets
         query = self.query.expand(B, len(query_pos), -1).contiguous()  # (B, L, dim), contiguous: one compiled graph for all blocks
         pattern = Pattern('autoregressive', (0,) + (S,) * (T - 1), slot_counts(keep, grid), self.attn_impl)
+        if self.previous_slot:  # each query starts from the same position one slot earlier, where it was kept
+            previous, seen = features, torch.ones(B, T * S, 1, dtype=features.dtype, device=features.device)  # (B, N, enc_dim), (B, N, 1)
+            if keep is not None:
+                previous = features.new_zeros(B, T * S, features.shape[-1]).scatter(1, keep[..., None].expand_as(features), features)
+                seen = seen.new_zeros(B, T * S, 1).scatter(1, keep[..., None], 1.0)
+            previous, seen = previous[:, :-S], seen[:, :-S]  # (B, L, ...): slot t-1 for the targets of slot t
+            query = query + self.context_proj(self.context_norm(previous)) * seen
         for block in self.blocks:
             query = block(query, query_pos, pattern, context, context_pos)  # q + CrossAttn(LN(q), ctx), q + MLP(LN(q))
-        return self.out(self.norm(query))  # (B, L, enc_dim)
+        z = self.out(self.norm(query))  # (B, L, enc_dim)
+        return z + previous if self.previous_slot else z
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

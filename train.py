@@ -66,8 +66,7 @@ def get_args(argv=None):
     p.add_argument('--predictor_lr_scale', type=float, help="the predictor's lr as a multiple of the encoder's (paper: 1)")
     p.add_argument('--decoder_lr', type=float, help='decoder lr in stable 2; 0.375x of it in the cool-down')
     p.add_argument('--frames', type=int, help='frames per clip (2 per slot)')
-    p.add_argument('--cooldown_frames', type=int, help='frames per clip in the cool-down; the batch shrinks by the '
-                   'same factor (paper: 16 -> 64 frames, 3072 -> 768 clips; tiny and s: 2x the frames)')
+    p.add_argument('--cooldown_frames', type=int, help='frames per clip in the cool-down, the batch shrunk to match (paper: 64)')
     p.add_argument('--resolution', type=int)
     p.add_argument('--fps', type=float, help='frame rate sampled from videos')
     p.add_argument('--distractors', type=int, default=2, help='synthetic clips: extra moving objects per training clip')
@@ -81,12 +80,14 @@ def get_args(argv=None):
     p.add_argument('--predictor_depth', type=int, help='cross-attention blocks of the predictor (Table 7: 12)')
     p.add_argument('--tau_repeats', type=int, help='noise/time draws per clip in the first two stages, then 1')
     p.add_argument('--ema', type=float, help='momentum of the reference encoder; 0 = the online encoder itself')
-    p.add_argument('--recolour_targets', action=argparse.BooleanOptionalAction,
-                   help='the reference encoder reads each clip with its colour channels permuted and negated at random')
+    p.add_argument('--recolour_targets', action=argparse.BooleanOptionalAction, help='the reference encoder reads each '
+                   'clip with its colour channels permuted and negated at random')
     p.add_argument('--prediction', choices=['x', 'v'], help='the decoder outputs the clean target (x, JiT) or the velocity (v)')
     p.add_argument('--tau_sampling', choices=['uniform', 'logit_normal'], help='flow times: U(0, 1), or sigmoid(N(-0.8, 0.8))')
     p.add_argument('--flow_weight', type=float, help='weight of L_flow (Eq. 9: 0.5)')
     p.add_argument('--align_weight', type=float, help='weight of L_align (Eq. 9: 1.0)')
+    p.add_argument('--previous_slot', action=argparse.BooleanOptionalAction, help='queries start from their position a slot earlier')
+    p.add_argument('--reference_condition', type=float, help="share of decoder inputs that read c'_t, not z_t (paper: 0)")
     p.add_argument('--dtype', choices=['fp32', 'bf16'], help='autocast precision (default: bf16 on GPU, fp32 on CPU)')
     p.add_argument('--compile', action='store_true', help='torch.compile every transformer block')
     p.add_argument('--grad_checkpointing', action='store_true', help='recompute encoder and decoder blocks in backward')
@@ -95,8 +96,7 @@ def get_args(argv=None):
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--num_workers', type=int, help='data loader processes per rank (default: 0 on CPU, 8 on GPU)')
     p.add_argument('--log_every', type=int, default=10)
-    p.add_argument('--eval_steps', type=int, default=50, help="Euler steps of the next-frame score at every save "
-                   "(sample.py's default)")
+    p.add_argument('--eval_steps', type=int, default=50, help="Euler steps of the next-frame score at every save (as sample.py)")
     p.add_argument('--save_every', type=int, default=200)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = p.parse_args(argv)

@@ -73,9 +73,10 @@ def test_encoder_returns_last_blocks_on_channels():
     assert torch.allclose(out[..., 48:], encoder(clip()), atol=1e-6)
 
 
-def test_predictor_is_autoregressive():
+@pytest.mark.parametrize('previous_slot', [False, True])
+def test_predictor_is_autoregressive(previous_slot):
     torch.manual_seed(0)
-    predictor = Predictor(48, dim=32, depth=2, heads=2).eval()
+    predictor = Predictor(48, dim=32, depth=2, heads=2, previous_slot=previous_slot).eval()
     keep = sample_keep(2, GRID, 2, 0.3, generator=torch.Generator().manual_seed(0))
     k = keep.shape[1] // GRID[0]
     context = torch.randn(2, keep.shape[1], 48)
@@ -91,6 +92,20 @@ def test_predictor_is_autoregressive():
         assert not torch.allclose(slot(predictor(allowed, keep, GRID), t - 1), slot(base, t - 1), atol=1e-3)
     predictor.attn_impl = 'dense'
     assert torch.allclose(predictor(context, keep, GRID), base, atol=1e-5)
+
+
+def test_previous_slot_starts_each_target_from_its_position_one_slot_earlier():
+    torch.manual_seed(0)
+    predictor = Predictor(48, dim=32, depth=1, heads=2, previous_slot=True)
+    torch.nn.init.zeros_(predictor.out.weight)  # the predictor's own term is zero: z is the skip alone
+    keep = sample_keep(2, GRID, 2, 0.3, generator=torch.Generator().manual_seed(0))
+    context = torch.randn(2, keep.shape[1], 48)
+    z = predictor(context, keep, GRID)  # (B, 3 * S, 48)
+    for b in range(2):
+        kept = {n: context[b, i] for i, n in enumerate(keep[b].tolist())}
+        for n in range(S, 4 * S):  # target token n, the same position one slot earlier is n - S
+            expected = kept.get(n - S, torch.zeros(48))
+            assert torch.allclose(z[b, n - S], expected + predictor.out.bias, atol=1e-6), (b, n)
 
 
 def test_predictor_never_writes_to_the_context():

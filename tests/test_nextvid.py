@@ -78,6 +78,21 @@ def test_objective_has_no_flow_loss_for_an_exact_x_predictor():
         assert (flow.item() < 1e-10) == zero, flow
 
 
+@pytest.mark.parametrize('share', [0.0, 1.0])
+def test_a_decoder_input_reads_either_z_or_the_reference_features(share):
+    torch.manual_seed(0)
+    model = NextVid.build('tiny', dict(dim=32, heads=2), 1, dict(dim=32, depth=1, heads=2), 'x', 'uniform',
+                          encoder_config=dict(dim=32, depth=1, heads=2, patch=8), reference_condition=share)
+    video = torch.rand(2, 3, 4, 16, 16) * 2 - 1  # 2 slots of 2 x 2 tokens
+    target = torch.randn(2, 8, 32)  # the reference features c' of both slots
+    conditions = []
+    model.decoder.network = lambda x_tau, z, tau, grid: (conditions.append(z), x_tau)[1]
+    model(video, target, [None], tau_repeats=1)
+    z = model.predictor(model.encoder(video, None), None, (2, 2, 2))
+    expected = target[:, 4:] if share == 1.0 else z  # share 1: every input reads c'_1; 0: the predictor's z_1
+    assert torch.allclose(conditions[0], expected, atol=1e-6)
+
+
 def hand_made_clip():
     """Two slots (4 frames) of 16 x 16 pixels, 2 x 2 tokens of patch 8. Every pixel of token p of slot t
     has value v[t][p] + 0.1 * channel."""
