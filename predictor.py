@@ -58,16 +58,21 @@ class Predictor(nn.Module):
         query = self.query.expand(B, len(query_pos), -1).contiguous()  # (B, L, dim), contiguous: one compiled graph for all blocks
         pattern = Pattern('autoregressive', (0,) + (S,) * (T - 1), slot_counts(keep, grid), self.attn_impl)
         if self.previous_slot:  # each query starts from the same position one slot earlier, where it was kept
-            previous, seen = features, torch.ones(B, T * S, 1, dtype=features.dtype, device=features.device)  # (B, N, enc_dim), (B, N, 1)
-            if keep is not None:
-                previous = features.new_zeros(B, T * S, features.shape[-1]).scatter(1, keep[..., None].expand_as(features), features)
-                seen = seen.new_zeros(B, T * S, 1).scatter(1, keep[..., None], 1.0)
-            previous, seen = previous[:, :-S], seen[:, :-S]  # (B, L, ...): slot t-1 for the targets of slot t
-            query = query + self.context_proj(self.context_norm(previous)) * seen
+            query = query + one_slot_earlier(context, keep, grid)  # (B, L, dim)
         for block in self.blocks:
             query = block(query, query_pos, pattern, context, context_pos)  # q + CrossAttn(LN(q), ctx), q + MLP(LN(q))
         z = self.out(self.norm(query))  # (B, L, enc_dim)
-        return z + previous if self.previous_slot else z
+        return z + one_slot_earlier(features, keep, grid) if self.previous_slot else z
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
+
+
+def one_slot_earlier(tokens, keep, grid):
+    """tokens (B, K, C) at the kept positions `keep` (B, K) (None: all N) of a (T, h, w) grid ->
+    (B, (T-1)*h*w, C): for each target position of slots 1..T-1, its token one slot earlier, zero
+    where the mask dropped it."""
+    T, h, w = grid
+    if keep is not None:
+        tokens = tokens.new_zeros(len(tokens), T * h * w, tokens.shape[-1]).scatter(1, keep[..., None].expand_as(tokens), tokens)
+    return tokens[:, :-h * w]
