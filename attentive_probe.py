@@ -1,12 +1,18 @@
 """
 The attentive probe's pieces (NExT-Vid Table 10, V-JEPA's protocol): the head that reads a frozen
-encoder's tokens, and PixelTokens, the "no encoder" floor that probe.py --pixels puts in its place.
+encoder's tokens; PixelTokens, the "no encoder" floor that probe.py --pixels puts in its place; and
+train_probes, which trains one head per (lr, weight decay) on the same features and validates each.
 
     python -c "from attentive_probe import *; import torch; print(AttentiveProbe(192, 16, 8)(torch.randn(2, 256, 192)).shape)"
 """
+import math
+from contextlib import nullcontext
+
 import torch
 import torch.nn as nn
-from einops import rearrange
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from tqdm import tqdm
 
 from decoder import patchify
 from encoder import MLP, init_weights
@@ -75,3 +81,68 @@ class PixelTokens(nn.Module):
     def num_params(self):
         """Entries of the fixed map (none of them trained)."""
         return self.weight.numel()
+
+
+# -----------------------------------------------------------------------------
+# training probes on features: `batches` are any object with len() (batches an epoch) and .epoch(e),
+# an iterator of (tokens (B, V, L, D), labels (B,)) (probe.py's EncodedVideos and CachedFeatures)
+
+
+def autocast(device):
+    return torch.autocast('cuda', torch.bfloat16) if device.type == 'cuda' else nullcontext()
+
+
+def evaluate(probes, batches):
+    """Top-1 (percent) of every probe, the softmax averaged over views."""
+    correct, seen = torch.zeros(len(probes)), 0
+    with torch.no_grad():
+        for tokens, labels in tqdm(batches.epoch(0), total=len(batches), desc='validation', leave=False):
+            for i, probe in enumerate(probes):
+                with autocast(tokens.device):
+                    correct[i] += (predict(probe, tokens).argmax(-1) == labels).sum().item()
+            seen += len(labels)
+    return (100 * correct / seen).tolist()
+
+
+def cosine_schedule(optimizer, total_steps):
+    """The lr multiplied by half a cosine, 1 -> 0 over total_steps."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
+
+
+def train_step(probe, optimizer, scheduler, tokens, labels):
+    """One optimizer step of cross-entropy on tokens (B, V, L, D), each view a sample (training uses
+    one); returns how many of the B*V predictions were right."""
+    labels = repeat(labels, 'b -> (b v)', v=tokens.shape[1])
+    with autocast(tokens.device):
+        logits = probe(rearrange(tokens, 'b v l d -> (b v) l d')).float()  # (B*V, classes)
+    loss = F.cross_entropy(logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return (logits.argmax(-1) == labels).sum().item()
+
+
+def train_probes(train_batches, val_batches, dim, classes, heads, epochs, device, grid, seed=0):
+    """Train one AttentiveProbe per (lr, weight decay) of `grid` on the same batches; validate after
+    every epoch. Returns, per probe, its lr, weight decay and train / validation top-1 per epoch."""
+    torch.manual_seed(seed)
+    probes = [AttentiveProbe(dim, heads, classes).to(device) for _ in grid]
+    optimizers = [torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=wd) for probe, (lr, wd) in zip(probes, grid)]
+    schedulers = [cosine_schedule(optimizer, epochs * len(train_batches)) for optimizer in optimizers]
+    history = [dict(lr=lr, weight_decay=wd, train_top1=[], val_top1=[]) for lr, wd in grid]
+    for epoch in range(epochs):
+        correct, seen = torch.zeros(len(probes)), 0
+        bar = tqdm(train_batches.epoch(epoch), total=len(train_batches), desc=f'epoch {epoch + 1}/{epochs}',
+                   dynamic_ncols=True)
+        for tokens, labels in bar:
+            for i, (probe, optimizer, scheduler) in enumerate(zip(probes, optimizers, schedulers)):
+                correct[i] += train_step(probe, optimizer, scheduler, tokens, labels)  # one probe's graph at a time
+            seen += tokens.shape[0] * tokens.shape[1]
+        val_top1 = evaluate(probes, val_batches)
+        for record, train_correct, top1 in zip(history, correct.tolist(), val_top1):
+            record['train_top1'].append(100 * train_correct / seen)
+            record['val_top1'].append(top1)
+        bar.write(f'epoch {epoch + 1}: best val top-1 {max(val_top1):.2f}, '
+                  f'best train top-1 {100 * correct.max().item() / seen:.2f}')
+    return history

@@ -29,15 +29,13 @@ import argparse
 import json
 import math
 import os
-from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import rearrange
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from attentive_probe import AttentiveProbe, PixelTokens, predict
+from attentive_probe import AttentiveProbe, PixelTokens, autocast, cosine_schedule, evaluate, train_probes, train_step
 from data import make_dataset
 from encoder import SIZES, Encoder
 from nextvid import RECIPE
@@ -113,10 +111,6 @@ def get_args(argv=None):
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     return args
-
-
-def autocast(device):
-    return torch.autocast('cuda', torch.bfloat16) if device.type == 'cuda' else nullcontext()
 
 
 def load_encoder(args):
@@ -210,66 +204,6 @@ def cache(videos, shuffle, name):
     """Encode every video of an EncodedVideos once."""
     tokens, labels = zip(*tqdm(videos.epoch(0), total=len(videos), desc=f'encoding {name}', dynamic_ncols=True))
     return CachedFeatures(torch.cat(tokens), torch.cat(labels), videos.batch_size, shuffle)
-
-
-# -----------------------------------------------------------------------------
-# training and evaluation
-
-
-def evaluate(probes, batches):
-    """Top-1 (percent) of every probe, the softmax averaged over views."""
-    correct, seen = torch.zeros(len(probes)), 0
-    with torch.no_grad():
-        for tokens, labels in tqdm(batches.epoch(0), total=len(batches), desc='validation', leave=False):
-            for i, probe in enumerate(probes):
-                with autocast(tokens.device):
-                    correct[i] += (predict(probe, tokens).argmax(-1) == labels).sum().item()
-            seen += len(labels)
-    return (100 * correct / seen).tolist()
-
-
-def cosine_schedule(optimizer, total_steps):
-    """The lr multiplied by half a cosine, 1 -> 0 over total_steps."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
-
-
-def train_step(probe, optimizer, scheduler, tokens, labels):
-    """One optimizer step of cross-entropy on tokens (B, V, L, D), each view a sample (training uses
-    one); returns how many of the B*V predictions were right."""
-    labels = repeat(labels, 'b -> (b v)', v=tokens.shape[1])
-    with autocast(tokens.device):
-        logits = probe(rearrange(tokens, 'b v l d -> (b v) l d')).float()  # (B*V, classes)
-    loss = F.cross_entropy(logits, labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    scheduler.step()
-    return (logits.argmax(-1) == labels).sum().item()
-
-
-def train_probes(train_batches, val_batches, dim, classes, heads, epochs, device, grid, seed=0):
-    """Train one AttentiveProbe per (lr, weight decay) of `grid` on the same batches; validate after
-    every epoch. Returns, per probe, its lr, weight decay and train / validation top-1 per epoch."""
-    torch.manual_seed(seed)
-    probes = [AttentiveProbe(dim, heads, classes).to(device) for _ in grid]
-    optimizers = [torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=wd) for probe, (lr, wd) in zip(probes, grid)]
-    schedulers = [cosine_schedule(optimizer, epochs * len(train_batches)) for optimizer in optimizers]
-    history = [dict(lr=lr, weight_decay=wd, train_top1=[], val_top1=[]) for lr, wd in grid]
-    for epoch in range(epochs):
-        correct, seen = torch.zeros(len(probes)), 0
-        bar = tqdm(train_batches.epoch(epoch), total=len(train_batches), desc=f'epoch {epoch + 1}/{epochs}',
-                   dynamic_ncols=True)
-        for tokens, labels in bar:
-            for i, (probe, optimizer, scheduler) in enumerate(zip(probes, optimizers, schedulers)):
-                correct[i] += train_step(probe, optimizer, scheduler, tokens, labels)  # one probe's graph at a time
-            seen += tokens.shape[0] * tokens.shape[1]
-        val_top1 = evaluate(probes, val_batches)
-        for record, train_correct, top1 in zip(history, correct.tolist(), val_top1):
-            record['train_top1'].append(100 * train_correct / seen)
-            record['val_top1'].append(top1)
-        bar.write(f'epoch {epoch + 1}: best val top-1 {max(val_top1):.2f}, '
-                  f'best train top-1 {100 * correct.max().item() / seen:.2f}')
-    return history
 
 
 def train_supervised(encoder, train_batches, val_batches, classes, heads, epochs, lr, weight_decay, layers=1, seed=0):

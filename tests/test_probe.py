@@ -31,7 +31,7 @@ def test_probe_learns_separable_features():
     train = probe.CachedFeatures(*toy_features(384, 4, generator), batch_size=32, shuffle=True)
     val = probe.CachedFeatures(*toy_features(256, 4, generator, views=2), batch_size=32, shuffle=False)
     grid = [(1e-3, 0.01), (3e-4, 0.1)]
-    history = probe.train_probes(train, val, dim=32, classes=4, heads=4, epochs=4, device=torch.device('cpu'), grid=grid)
+    history = attentive_probe.train_probes(train, val, dim=32, classes=4, heads=4, epochs=4, device=torch.device('cpu'), grid=grid)
     assert [(record['lr'], record['weight_decay']) for record in history] == grid
     assert all(len(record['val_top1']) == 4 and len(record["train_top1"]) == 4 for record in history)
     best = max(record['val_top1'][-1] for record in history)
@@ -167,7 +167,7 @@ def frozen_probe_top1(encoder, train, val, dim, epochs):
     encode_clips = lambda clips: probe.encode(encoder, clips, 1, chunk=64)
     train_batches = probe.cache(probe.EncodedVideos(train, len(train), 32, encode_clips, 4, False, 0), True, 'train')
     val_batches = probe.cache(probe.EncodedVideos(val, len(val), 32, encode_clips, 4, False, 0), False, 'val')
-    history = probe.train_probes(train_batches, val_batches, dim, 4, heads=4, epochs=epochs, device=torch.device('cpu'),
+    history = attentive_probe.train_probes(train_batches, val_batches, dim, 4, heads=4, epochs=epochs, device=torch.device('cpu'),
                                  grid=[(1e-2, 0.01), (3e-3, 0.01)])
     return max(record['val_top1'][-1] for record in history)
 
