@@ -167,8 +167,8 @@ def frozen_probe_top1(encoder, train, val, dim, epochs):
     encode_clips = lambda clips: probe.encode(encoder, clips, 1, chunk=64)
     train_batches = probe.cache(probe.EncodedVideos(train, len(train), 32, encode_clips, 4, False, 0), True, 'train')
     val_batches = probe.cache(probe.EncodedVideos(val, len(val), 32, encode_clips, 4, False, 0), False, 'val')
-    history = attentive_probe.train_probes(train_batches, val_batches, dim, 4, heads=4, epochs=epochs, device=torch.device('cpu'),
-                                 grid=[(1e-2, 0.01), (3e-3, 0.01)])
+    history = attentive_probe.train_probes(train_batches, val_batches, dim, 4, heads=4, epochs=epochs,
+                                           device=torch.device('cpu'), grid=[(1e-2, 0.01), (3e-3, 0.01)])
     return max(record['val_top1'][-1] for record in history)
 
 
