@@ -17,7 +17,10 @@ the reference encoder's features c'_t (L_align) and conditions the decoder (L_fl
   that context token is added to the output, so z_t = c_{t-1} + a learned change. A shared query
   told apart by RoPE alone gave every token of a slot nearly the same z_t at tiny's 400 steps, and
   the decoder had no token detail to draw (RESULTS.md, "Next-frame generation"). Slot t-1 is
-  context of slot t's queries anyway: the pattern stays autoregressive.
+  context of slot t's queries anyway: the pattern stays autoregressive. The added c_{t-1} carries
+  no gradient: through it L_align would pull the encoder's output at slot t-1 towards c'_t, which
+  an encoder meets by dropping what moves (seed 2's online encoder read direction at 14.2 with
+  the gradient, 56.0 without; RESULTS.md).
 
 At enc_dim 1024 (ViT-L) it has about 22.1M parameters:
     python -c "from predictor import Predictor; print(Predictor(1024).num_params())"
@@ -49,7 +52,7 @@ class Predictor(nn.Module):
         T, h, w = grid
         S = h * w
         B = context.shape[0]
-        features = context  # (B, K, enc_dim) the encoder output at the kept tokens
+        features = context.detach()  # (B, K, enc_dim) the encoder output at the kept tokens, for the copy only
         context = self.context_proj(self.context_norm(context))  # (B, K, dim), used as key/value only
         context_pos = positions(grid).to(context.device)  # (N, 3)
         if keep is not None:

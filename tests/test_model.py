@@ -108,6 +108,20 @@ def test_previous_slot_starts_each_target_from_its_position_one_slot_earlier():
             assert torch.allclose(z[b, n - S], expected + predictor.out.bias, atol=1e-6), (b, n)
 
 
+def test_previous_slot_copy_passes_no_gradient_into_the_context():
+    torch.manual_seed(0)
+    predictor = Predictor(48, dim=32, depth=1, heads=2, previous_slot=True)
+    torch.nn.init.zeros_(predictor.out.weight)  # the predictor's own term is zero: only the copy path reaches z
+    keep = sample_keep(2, GRID, 2, 0.3, generator=torch.Generator().manual_seed(0))
+    context = torch.randn(2, keep.shape[1], 48, requires_grad=True)
+    predictor(context, keep, GRID).square().sum().backward()
+    assert torch.equal(context.grad, torch.zeros_like(context))  # the copy adds c_{t-1} but trains nothing
+    torch.nn.init.normal_(predictor.out.weight)
+    context.grad = None
+    predictor(context, keep, GRID).square().sum().backward()
+    assert context.grad.abs().sum() > 0  # the predictor's change still trains the encoder
+
+
 def test_predictor_never_writes_to_the_context():
     torch.manual_seed(0)
     predictor = Predictor(48, dim=32, depth=3, heads=2)
