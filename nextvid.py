@@ -46,7 +46,7 @@ RECIPE = {  # the smaller sizes are decided here
     #                   ignore the colours the decoder must draw (README); `--recolour_targets` for the probe recipe
     #   previous_slot   each query starts from its position's encoder output one slot earlier (predictor.py):
     #                   the one-block predictor alone left z_t without each token's detail (RESULTS.md)
-    #                   (its price: the encoder loses motion, direction 58.7 against random init's 68.1 at seed 2)
+    #                   (its copy carries no gradient: with one, seed 2's online encoder read direction at chance)
     #   reference_condition 0.75  that share of the decoder's inputs read c'_t, so the decoder learns to
     #                   draw the detail z_t is pulled towards before z_t has it (0.5: +2.5 dB; 0.75: +3.0, RESULTS.md)
     'tiny': {**PAPER, 'steps': 400, 'batch_size': 16, 'lr': 1e-4, 'frames': 8, 'resolution': 64, 'cooldown_frames': 16,
