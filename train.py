@@ -297,8 +297,7 @@ def train(argv=None):
               f"decoder {decoder.num_params() / 1e6:.1f}M | {world} rank(s) on {device}, {args.dtype} | "
               f"steps {start} -> {end} of {args.steps}")
         fixed = make_dataset(args.data, frames=args.frames, resolution=args.resolution, fps=args.fps, train=False, seed=args.seed + 1)
-        fixed = torch.stack([fixed[i][0] for i in range(32)])  # a fixed batch for evaluate() (default clips: the
-        # same for every run of a seed, whatever --distractors and --camera_motion, so ranks and PSNRs compare)
+        fixed = torch.stack([fixed[i][0] for i in range(32)])  # evaluate()'s clips: one set per seed, ranks and PSNRs compare
 
     def evaluate(step):  # on the fixed batch: the reference features' effective rank, next-frame generation's PSNR
         with torch.no_grad(), autocast:
@@ -318,6 +317,7 @@ def train(argv=None):
             f.write(json.dumps(row) + '\n')
 
     if master and start == 0:
+        open(log_path, 'w').close()  # a fresh run starts a fresh log; --resume appends to its own
         evaluate(0)
     bar = tqdm(total=end, initial=start, disable=not master, dynamic_ncols=True)
     failures, clock, clips = 0, time.time(), 0

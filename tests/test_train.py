@@ -107,6 +107,9 @@ def test_bad_data_stops_before_the_models_are_built(tmp_path, monkeypatch, capsy
 
 def test_resumed_run_matches_uninterrupted_run(tmp_path):
     whole, split = str(tmp_path / 'whole'), str(tmp_path / 'split')
+    os.makedirs(whole)
+    with open(os.path.join(whole, 'log.jsonl'), 'w') as f:  # an earlier run's log: a fresh run does not append to it
+        f.write(json.dumps(dict(step=99, loss=1.0, flow=1.0, align=1.0)) + '\n')
     train.train(SMALL + ['--steps', '12', '--out_dir', whole])
     train.train(SMALL + ['--steps', '12', '--stop_at', '6', '--out_dir', split])
     assert torch.load(os.path.join(split, 'ckpt.pt'), weights_only=False)['step'] == 6
