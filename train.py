@@ -297,7 +297,7 @@ def train(argv=None):
               f"decoder {decoder.num_params() / 1e6:.1f}M | {world} rank(s) on {device}, {args.dtype} | "
               f"steps {start} -> {end} of {args.steps}")
         fixed = make_dataset(args.data, frames=args.frames, resolution=args.resolution, fps=args.fps, train=False, seed=args.seed + 1)
-        fixed = torch.stack([fixed[i][0] for i in range(32)])  # evaluate()'s clips: one set per seed, ranks and PSNRs compare
+        fixed = torch.stack([fixed[i][0] for i in range(32)])  # evaluate()'s clips: one set per seed, whatever --distractors / --camera_motion
 
     def evaluate(step):  # on the fixed batch: the reference features' effective rank, next-frame generation's PSNR
         with torch.no_grad(), autocast:
