@@ -120,6 +120,7 @@ class Encoder(nn.Module):
 
     def __init__(self, dim, depth, heads, mlp_ratio=4.0, patch=16, tubelet=2):
         super().__init__()
+        self.config = dict(dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio, patch=patch, tubelet=tubelet)
         self.dim, self.patch, self.tubelet = dim, patch, tubelet
         self.embed = nn.Conv3d(3, dim, kernel_size=(tubelet, patch, patch), stride=(tubelet, patch, patch))
         self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio) for _ in range(depth)])
