@@ -48,15 +48,16 @@ def resize(pixels, height, width):
     return (rearrange(frames, 'f c h w -> c f h w') / 127.5 - 1).clamp_(-1, 1)
 
 
-def random_crop_flip(pixels, resolution, rng):
-    """Training view of uint8 (3, F, h, w): one random resized crop for all frames, maybe mirrored."""
+def random_crop_flip(pixels, resolution, rng, flip=True):
+    """Training view of uint8 (3, F, h, w): one random resized crop for all frames, mirrored half the
+    time when `flip` (never where a label can depend on direction, SSv2's "left to right")."""
     _, _, h, w = pixels.shape
     area, aspect = h * w * rng.uniform(*CROP_SCALE), np.exp(rng.uniform(*np.log(CROP_ASPECT)))
     crop_h = min(h, max(1, round(np.sqrt(area / aspect))))  # clipped to the picture when it does not fit
     crop_w = min(w, max(1, round(np.sqrt(area * aspect))))
     top, left = rng.integers(h - crop_h + 1), rng.integers(w - crop_w + 1)
     clip = resize(pixels[:, :, top:top + crop_h, left:left + crop_w], resolution, resolution)
-    return clip.flip(-1) if rng.random() < 0.5 else clip  # (3, F, R, R)
+    return clip.flip(-1) if flip and rng.random() < 0.5 else clip  # (3, F, R, R)
 
 
 def centre_views(pixels, resolution, views):
@@ -196,8 +197,8 @@ class FileClips(Dataset):
     Item i reads file i % n of epoch i // n's permutation, seeded by (seed, epoch); an unreadable
     file is skipped with one warning and another is drawn from (seed, i, attempt)."""
 
-    def __init__(self, items, frames, resolution, fps, train, seed, segments=None, views=None):
-        self.items, self.frames, self.resolution, self.fps = items, frames, resolution, fps
+    def __init__(self, items, frames, resolution, fps, train, seed, segments=None, views=None, flip=True):
+        self.items, self.frames, self.resolution, self.fps, self.flip = items, frames, resolution, fps, flip
         self.train, self.seed, self.segments, self.views = train, seed, segments, views
         self.num_classes = max(label for _, label in items) + 1  # 0 when unlabeled (-1)
         self.epoch, self.order = None, None  # the permutation of the last epoch read
@@ -240,7 +241,7 @@ class FileClips(Dataset):
             pixels = read_video(path, self.frames, self.fps, (np.arange(segments) + offsets) / segments)
         clip = rearrange(torch.from_numpy(pixels), 's f h w c -> c (s f) h w')
         if self.train:
-            views = torch.stack([random_crop_flip(clip, self.resolution, rng) for _ in range(self.views or 1)])
+            views = torch.stack([random_crop_flip(clip, self.resolution, rng, self.flip) for _ in range(self.views or 1)])
         else:
             views = centre_views(clip, self.resolution, self.views or 1)
         return rearrange(views, 'v c (s f) h w -> v s c f h w', s=len(pixels))
@@ -309,11 +310,12 @@ def list_files(name):
 
 
 def make_dataset(spec, *, frames, resolution, fps, train, seed, segments=None, views=None, label='direction',
-                 distractors=2, camera_motion=0.0):
+                 distractors=2, camera_motion=0.0, flip=True):
     """The Dataset for a --data spec (see SPEC_HELP). Item i is a pure function of (seed, i) and is
     (clip, label): clip (3, F, R, R), or (views, segments, 3, F, R, R) when segments or views is
     given; label an int (-1 for unlabeled videos; `label` picks the synthetic one, and
-    `distractors` and `camera_motion` set the synthetic clips' extra moving objects and pan)."""
+    `distractors` and `camera_motion` set the synthetic clips' extra moving objects and pan; `flip`
+    False: training views are never mirrored)."""
     sources, weights = [], []
     for part in spec.split(','):
         name, colon, weight = part.strip().rpartition(':')
@@ -323,6 +325,6 @@ def make_dataset(spec, *, frames, resolution, fps, train, seed, segments=None, v
         if name == 'synthetic':
             sources.append(SyntheticClips(frames, resolution, seed, label, distractors, camera_motion, segments, views))
         else:
-            sources.append(FileClips(list_files(name), frames, resolution, fps, train, seed, segments, views))
+            sources.append(FileClips(list_files(name), frames, resolution, fps, train, seed, segments, views, flip))
         weights.append(float(weight))
     return sources[0] if len(sources) == 1 else MixedClips(sources, weights, seed)
