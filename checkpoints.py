@@ -43,19 +43,20 @@ def encoder_file(encoder_state, config, args, step):
                 size=args['size'], step=step)
 
 
-def save_checkpoint(out_dir, model, ema, optimizer, step, args, keep_every=0):
-    """ckpt.pt (raw modules, never the DDP wrapper; optimizer, step and recipe: train.py reseeds its RNG
-    from (seed, step) at every step), encoder.pt, and encoder_<step>.pt when step is a multiple of keep_every."""
-    args = dict(args)
-    config = dict(model.encoder.config)
+def save_checkpoint(out_dir, model, ema, optimizer, step, args):
+    """out_dir/ckpt.pt (raw modules, never the DDP wrapper; the optimizer, the step and the recipe `args`,
+    a dict: train.py draws every random number from (seed, step, clip), so that is all the RNG state)
+    and out_dir/encoder.pt."""
     state = dict(encoder=model.encoder.state_dict(), ema_encoder=ema.state_dict(), predictor=model.predictor.state_dict(),
-                 decoder=model.decoder.state_dict(), optimizer=optimizer.state_dict(), step=step, args=args,
-                 encoder_config=config)
+                 decoder=model.decoder.state_dict(), optimizer=optimizer.state_dict(), step=step, args=dict(args),
+                 encoder_config=dict(model.encoder.config))
     atomic_save(state, os.path.join(out_dir, 'ckpt.pt'))
-    small = encoder_file(state['ema_encoder'], config, args, step)
-    atomic_save(small, os.path.join(out_dir, 'encoder.pt'))
-    if keep_every and step % keep_every == 0:
-        atomic_save(small, os.path.join(out_dir, f'encoder_{step:07d}.pt'))
+    save_encoder(os.path.join(out_dir, 'encoder.pt'), ema, args, step)
+
+
+def save_encoder(path, ema, args, step):
+    """An encoder file of the EMA encoder `ema` at `step` of a run with train.py's `args` (a dict)."""
+    atomic_save(encoder_file(ema.state_dict(), ema.config, args, step), path)
 
 
 def load_encoder(path, weights='ema'):

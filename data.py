@@ -10,7 +10,9 @@ probe.py asks for segments x views and gets (views, segments, 3, F, H, W) clips,
 `dataset.num_classes`; sample.py loads one clip with load_video_clip / load_image_clip. Files are
 decoded by video.py.
 """
+import functools
 import itertools
+import os
 import re
 import warnings
 from pathlib import Path
@@ -21,7 +23,8 @@ from einops import rearrange
 from torch.nn.functional import interpolate
 from torch.utils.data import Dataset
 
-from video import UnreadableFile, read_image, read_video
+import video
+from video import ShortVideo, UnreadableFile, read_image, read_video
 
 SHAPE_NAMES = ('disc', 'square', 'triangle', 'cross', 'ring', 'diamond', 'bar', 'star')
 SHAPES = len(SHAPE_NAMES)
@@ -29,13 +32,16 @@ DIRECTIONS = 8  # direction d moves at d * 45 degrees counter-clockwise from "ri
 VIDEO_SUFFIXES = {'.mp4', '.avi', '.mkv', '.webm', '.mov', '.m4v', '.mpg', '.mpeg', '.flv', '.wmv'}
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff'}
 CROP_SCALE, CROP_ASPECT = (0.3, 1.0), (3 / 4, 4 / 3)  # training random resized crop
+# The smallest training crop's side is sqrt(0.3 * 3/4) = 0.47 of the frame's short side: decoding
+# with that side at resolution / 0.47 never enlarges a crop (256 px: frames decoded at 540 px at most).
+CROP_SHORT_SIDE = 1 / np.sqrt(CROP_SCALE[0] * CROP_ASPECT[0])
 # Each purpose draws from its own stream, np.random.default_rng([seed, STREAM, ...]), so that no
 # two purposes share random numbers (numpy pads seeds with zeros: [s, i] equals [s, i, 0]).
 ITEM_STREAM, ORDER_STREAM, MIX_STREAM = 1, 2, 3
 SPEC_HELP = """--data takes one of these forms:
   synthetic                           built-in moving textured shapes, nothing to download
-  k400/train.txt                      a list of "path label" lines, e.g. "videos/abc.mp4 3"
-                                      (paths relative to the list's folder, or absolute)
+  k400/train.csv                      a list (.csv or .txt) of "path label" lines, e.g. "videos/abc.mp4 3",
+                                      or of bare paths (unlabelled); paths relative to the list's folder, or absolute
   videos/                             a folder of videos, unlabeled
   imagenet/train                      a folder of class subfolders of images
   k400.txt:0.7,imagenet/train:0.3     sources mixed by weight (source:weight, comma separated)"""
@@ -82,7 +88,7 @@ def arrange(clips, frames, segments, views):
 
 def load_video_clip(path, frames, fps, resolution):
     """The centred evaluation clip of a video file: (3, F, R, R) in [-1, 1]."""
-    pixels = read_video(path, frames, fps, [0.5])
+    pixels = read_video(path, frames, fps, [0.5], short_side=resolution)
     return centre_views(rearrange(torch.from_numpy(pixels[0]), 'f h w c -> c f h w'), resolution, 1)[0]
 
 
@@ -197,8 +203,10 @@ class FileClips(Dataset):
     Item i reads file i % n of epoch i // n's permutation, seeded by (seed, epoch); an unreadable
     file is skipped with one warning and another is drawn from (seed, i, attempt)."""
 
-    def __init__(self, items, frames, resolution, fps, train, seed, segments=None, views=None, flip=True):
+    def __init__(self, items, frames, resolution, fps, train, seed, segments=None, views=None, flip=True, skip_short=False):
         self.items, self.frames, self.resolution, self.fps, self.flip = items, frames, resolution, fps, flip
+        self.skip_short = skip_short
+        self.video_reads = torch.zeros(2, dtype=torch.int64).share_memory_()  # video items read, those that ran past the end
         self.train, self.seed, self.segments, self.views = train, seed, segments, views
         self.num_classes = max(label for _, label in items) + 1  # 0 when unlabeled (-1)
         self.epoch, self.order = None, None  # the permutation of the last epoch read
@@ -214,6 +222,10 @@ class FileClips(Dataset):
             self.attempts += 1
             try:
                 return arrange(self.read(path, rng), self.frames, self.segments, self.views), label
+            except ShortVideo as error:  # --skip_short: not a failure; said once per process
+                if not self.warned:
+                    warnings.warn(f'skipping videos shorter than a clip, such as {path}: {error}')
+                self.warned.add(path)
             except UnreadableFile as error:
                 self.failures += 1
                 if path not in self.warned:
@@ -238,7 +250,11 @@ class FileClips(Dataset):
             pixels = read_image(path)[None, None]  # (1, 1, h, w, 3)
         else:  # segment k starts in the k-th of `segments` equal parts: at random, or centred
             offsets = rng.random(segments) if self.train else np.full(segments, 0.5)
-            pixels = read_video(path, self.frames, self.fps, (np.arange(segments) + offsets) / segments)
+            short_side = round(self.resolution * CROP_SHORT_SIDE) if self.train else self.resolution
+            before = video.short_clips
+            pixels = read_video(path, self.frames, self.fps, (np.arange(segments) + offsets) / segments, short_side=short_side,
+                                skip_short=self.skip_short)
+            self.video_reads += torch.tensor([1, video.short_clips - before])  # shared with the loader's workers
         clip = rearrange(torch.from_numpy(pixels), 's f h w c -> c (s f) h w')
         if self.train:
             views = torch.stack([random_crop_flip(clip, self.resolution, rng, self.flip) for _ in range(self.views or 1)])
@@ -265,24 +281,54 @@ class MixedClips(Dataset):
         return self.sources[source][i]
 
 
+class StepSampler(torch.utils.data.Sampler):
+    """Dataset indices for steps [first, last) on one rank: for step s the global batch is
+    samples offset + (s - first)*batch .. + batch, and rank r reads its contiguous share."""
+
+    def __init__(self, first, last, offset, batch, rank, world):
+        self.first, self.last, self.offset, self.batch, self.rank, self.world = first, last, offset, batch, rank, world
+
+    def __iter__(self):
+        share = self.batch // self.world
+        for s in range(self.first, self.last):
+            base = self.offset + (s - self.first) * self.batch + self.rank * share
+            yield from range(base, base + share)
+
+    def __len__(self):
+        return (self.last - self.first) * (self.batch // self.world)
+
+
+def read_counts(dataset):
+    """(video items read, those whose clip ran past the end of the video) by a dataset's file sources so far,
+    summed over the processes of its loader (counted in shared memory)."""
+    sources = dataset.sources if isinstance(dataset, MixedClips) else [dataset]
+    return tuple(sum(int(source.video_reads[k]) for source in sources if isinstance(source, FileClips)) for k in (0, 1))
+
+
 def read_list(list_path):
-    """(path, label) pairs of a "path label" list file; every listed file must exist."""
-    items = []
+    """(path, label) pairs of a .txt or .csv list: "path label" lines (V-JEPA 2's format), or bare paths
+    (label -1: unlabelled); one kind per list, any other line refused with its number. Every listed
+    file must exist."""
+    items, labelled = [], None
     for number, line in enumerate(list_path.read_text().splitlines(), 1):
-        fields = line.rsplit(maxsplit=1)
-        if not fields:
+        line = line.strip()
+        if not line:
             continue
-        if len(fields) != 2 or not fields[1].lstrip('-').isdigit():
-            raise ValueError(f'{list_path}, line {number}: expected "path label" such as '
-                             f'"videos/abc.mp4 3", got {line!r}')
-        items.append((list_path.parent / fields[0], int(fields[1])))
+        fields = line.rsplit(maxsplit=1)
+        has_label = len(fields) == 2 and fields[1].lstrip('-').isdigit()
+        labelled = has_label if labelled is None else labelled
+        if has_label != labelled:
+            raise ValueError(f'{list_path}, line {number}: expected {"path label" if labelled else "a bare path"} as on '
+                             f'the first line (e.g. {"videos/abc.mp4 3" if labelled else "videos/abc.mp4"}), got {line!r}')
+        name, label = (fields[0], int(fields[1])) if labelled else (line, -1)
+        items.append((os.path.join(list_path.parent, name), label))
     if not items:
         raise ValueError(f'{list_path} lists no files')
-    missing = [str(path) for path, _ in items if not path.is_file()]
+    missing = [path for path, _ in items if not os.path.isfile(path)]
     if missing:
         raise FileNotFoundError(f'{len(missing)} of {len(items)} files listed in {list_path} are missing: '
                                 + ', '.join(missing[:3]) + (', ...' if len(missing) > 3 else ''))
-    return items
+    return [(Path(path), label) for path, label in items]
 
 
 def scan_folder(folder):
@@ -300,22 +346,28 @@ def scan_folder(folder):
 
 
 def list_files(name):
-    """(path, label) pairs of a file source: a .txt list or a folder."""
+    """(path, label) pairs of a file source: a .txt or .csv list or a folder, read and checked once per
+    process (train.py builds its datasets several times) unless it changed since."""
+    return read_source(name, os.stat(name).st_mtime_ns if name and os.path.exists(name) else None)
+
+
+@functools.lru_cache(maxsize=None)
+def read_source(name, modified):
     path = Path(name)
     if name and path.is_dir():
         return scan_folder(path)
-    if path.is_file() and path.suffix == '.txt':
+    if path.is_file() and path.suffix in ('.txt', '.csv'):
         return read_list(path)
-    raise ValueError(f'{name!r} is not "synthetic", an existing .txt video list or an existing folder\n{SPEC_HELP}')
+    raise ValueError(f'{name!r} is not "synthetic", an existing .txt or .csv list or an existing folder\n{SPEC_HELP}')
 
 
 def make_dataset(spec, *, frames, resolution, fps, train, seed, segments=None, views=None, label='direction',
-                 distractors=2, camera_motion=0.0, flip=True):
+                 distractors=2, camera_motion=0.0, flip=True, skip_short=False):
     """The Dataset for a --data spec (see SPEC_HELP). Item i is a pure function of (seed, i) and is
     (clip, label): clip (3, F, R, R), or (views, segments, 3, F, R, R) when segments or views is
     given; label an int (-1 for unlabeled videos; `label` picks the synthetic one, and
     `distractors` and `camera_motion` set the synthetic clips' extra moving objects and pan; `flip`
-    False: training views are never mirrored)."""
+    False: training views are never mirrored; `skip_short`: videos shorter than a clip are skipped)."""
     sources, weights = [], []
     for part in spec.split(','):
         name, colon, weight = part.strip().rpartition(':')
@@ -325,6 +377,6 @@ def make_dataset(spec, *, frames, resolution, fps, train, seed, segments=None, v
         if name == 'synthetic':
             sources.append(SyntheticClips(frames, resolution, seed, label, distractors, camera_motion, segments, views))
         else:
-            sources.append(FileClips(list_files(name), frames, resolution, fps, train, seed, segments, views, flip))
+            sources.append(FileClips(list_files(name), frames, resolution, fps, train, seed, segments, views, flip, skip_short))
         weights.append(float(weight))
     return sources[0] if len(sources) == 1 else MixedClips(sources, weights, seed)

@@ -26,7 +26,14 @@ from vae import latent_frames, latent_patch, latent_tokens
 # the decoder's parameterisation (decoder.py), not the paper's: x (the clean target) because a
 # token's 1536 values from a 384-wide decoder is where JiT finds velocity prediction failing, and
 # where tiny measured it failing (README); tau uniform as in the paper, JiT's logit-normal an option.
-PAPER = dict(steps=132000, batch_size=3072, micro_batch_size=16, lr=5e-4, decoder_lr=8e-4, frames=16, resolution=256, fps=4.0,
+# micro_batch_size and grad_checkpointing say how a step runs, not what it computes (a continued run may
+# change them), chosen so that every size's default fits an 80 GB GPU. Measured on one H100 (bf16, README,
+# Performance): s at micro-batch 32 without checkpointing, 27.2 GB; l at 8 without, 56.7 GB (so 16 would
+# need about twice that); g at 16 with encoder and decoder blocks recomputed, 43.7 GB. So b, l, h and g
+# take micro-batch 16 with checkpointing: each is smaller than g in every part, hence under 43.7 GB; the
+# cool-down's micro-batch of 4 clips of 64 frames holds as many tokens. Where memory is spare,
+# `--no-grad_checkpointing` saves the recomputation (one more forward of those blocks per step).
+PAPER = dict(steps=132000, batch_size=3072, micro_batch_size=16, grad_checkpointing=True, lr=5e-4, decoder_lr=8e-4, frames=16, resolution=256, fps=4.0,
              cooldown_frames=64, tau_repeats=4, ema=0.99925, recolour_targets=False, masks='8x0.15,2x0.7', flow_weight=0.5,
              align_weight=1.0, predictor_lr_scale=1.0, prediction='x', tau_sampling='uniform', predictor_depth=12,
              previous_slot=False, reference_condition=0.0,
@@ -50,24 +57,24 @@ RECIPE = {  # the smaller sizes are decided here
     #   reference_condition 0.9  that share of the decoder's inputs read c'_t, so the decoder learns to
     #                   draw the detail z_t is pulled towards before z_t has it (0.5: +2.5 dB; 0.75: +3.0; 0.9: +0.2
     #                   more on 3 seeds, RESULTS.md); the other tenth keeps L_flow's gradient into z_t
-    'tiny': {**PAPER, 'steps': 400, 'batch_size': 16, 'lr': 1e-4, 'frames': 8, 'resolution': 64, 'cooldown_frames': 16,
+    'tiny': {**PAPER, 'steps': 400, 'grad_checkpointing': False, 'batch_size': 16, 'lr': 1e-4, 'frames': 8, 'resolution': 64, 'cooldown_frames': 16,
              'tau_repeats': 1, 'masks': '4x0.15,1x0.5', 'predictor_lr_scale': 8.0, 'tau_sampling': 'logit_normal',
              'predictor_depth': 1, 'previous_slot': True, 'reference_condition': 0.9,
              'predictor': dict(dim=192, heads=3), 'decoder': dict(dim=192, depth=4, heads=3)},
-    's': {**PAPER, 'steps': 20000, 'batch_size': 256, 'micro_batch_size': 32, 'resolution': 128, 'cooldown_frames': 32,
+    's': {**PAPER, 'steps': 20000, 'batch_size': 256, 'micro_batch_size': 32, 'grad_checkpointing': False, 'resolution': 128, 'cooldown_frames': 32,
           'predictor_depth': 6, 'predictor': dict(dim=384, heads=6), 'decoder': dict(dim=384, depth=6, heads=6)},
-    'b': {**PAPER, 'steps': 60000, 'batch_size': 1024, 'micro_batch_size': 32},
+    'b': {**PAPER, 'steps': 60000, 'batch_size': 1024},
     'l': PAPER, 'h': PAPER, 'g': PAPER,
 }
 
 
-def sample_tau(shape, how, device):
-    """Flow times in (0, 1), tau = 0 noise and 1 data: 'uniform' (the paper), or 'logit_normal',
-    JiT's sigmoid(N(-0.8, 0.8)), which spends more draws near the noise end."""
+def sample_tau(uniform, how):
+    """Flow times in (0, 1) from uniform draws, tau = 0 noise and 1 data: 'uniform' (the paper), or
+    'logit_normal', JiT's sigmoid(N(-0.8, 0.8)), which spends more draws near the noise end."""
     if how == 'uniform':
-        return torch.rand(shape, device=device)
-    if how == 'logit_normal':
-        return torch.sigmoid(torch.randn(shape, device=device) * 0.8 - 0.8)
+        return uniform
+    if how == 'logit_normal':  # the normal quantile of the uniform draw
+        return torch.sigmoid(torch.special.ndtri(uniform.clamp(1e-7, 1 - 1e-7)) * 0.8 - 0.8)
     raise ValueError(f"tau_sampling must be 'uniform' or 'logit_normal', not {how!r}")
 
 
@@ -109,24 +116,31 @@ class NextVid(nn.Module):
             latents = self.vae.encode(video, sample=sample, generator=generator)  # (B, C, F, h, w)
             return latent_tokens(latents, latent_patch(self.encoder.patch, self.vae.factor), self.encoder.tubelet).float()
 
-    def forward(self, video, target, keeps, tau_repeats):
+    def forward(self, video, target, keeps, tau_repeats, seeds=None):
         """video (B, 3, F, H, W); target (B, N, D) reference features; keeps: one (B, K) index
-        tensor per mask generator (None = unmasked)."""
+        tensor per mask generator (None = unmasked). Every random draw of a clip (its VAE posterior
+        sample, which inputs read c'_t, its noise and times) comes from its own generator, seeded by
+        seeds (B,) (default: drawn from the global RNG), so a clip's draws do not depend on which
+        micro-batch it is in: train.py resumes with another micro-batch to the same weights."""
         T, h, w = grid = self.encoder.grid(video)
-        S = h * w
+        S, G, R = h * w, len(keeps), tau_repeats
+        seeds = torch.randint(0, 2 ** 62, (len(video),)).tolist() if seeds is None else seeds
+        generators = [torch.Generator(video.device).manual_seed(int(seed)) for seed in seeds]
         z = torch.cat([self.predictor(self.encoder(video, keep), keep, grid) for keep in keeps])  # (G*B, L, D)
-        aim = target[:, S:].repeat(len(keeps), 1, 1)  # (G*B, L, D) c'_t
+        aim = target[:, S:].repeat(G, 1, 1)  # (G*B, L, D) c'_t
         align = F.mse_loss(z.float(), aim)
+        x1 = torch.cat([self.targets(clip[None], generator=g) for clip, g in zip(video, generators)]) \
+            if self.vae is not None else self.targets(video)
+        x1 = x1[:, S:].repeat(G * R, 1, 1)  # (R*G*B, L, P) slots 1..T-1
+        draw = lambda make: rearrange(torch.stack([make(g) for g in generators], 1), 'n b ... -> (n b) ...')
         if self.reference_condition:  # that share of the decoder's inputs reads c'_t itself, not z_t (RECIPE)
-            reads_reference = torch.rand(len(z), 1, 1, device=z.device) < self.reference_condition
-            z = torch.where(reads_reference, aim.to(z.dtype), z)
+            reads_reference = draw(lambda g: torch.rand(G, generator=g, device=z.device)) < self.reference_condition
+            z = torch.where(reads_reference[:, None, None], aim.to(z.dtype), z)
         # flow matching, tau_repeats fresh (noise, tau) per decoder input (MAR's trick)
-        x1 = self.targets(video)[:, S:]  # (B, L, P) slots 1..T-1
-        x1 = x1.repeat(len(keeps) * tau_repeats, 1, 1)  # (R*G*B, L, P)
-        z = z.repeat(tau_repeats, 1, 1)
-        x0 = torch.randn_like(x1)
-        tau = sample_tau((x1.shape[0], T - 1), self.tau_sampling, x1.device)  # one per sample, slot and repeat
-        tau_token = repeat(tau, 'b n -> b (n s) 1', s=S)
+        z = z.repeat(R, 1, 1)  # (R*G*B, L, D)
+        x0 = draw(lambda g: torch.randn((R * G, *x1.shape[1:]), generator=g, device=x1.device)).to(x1.dtype)
+        tau = sample_tau(draw(lambda g: torch.rand((R * G, T - 1), generator=g, device=x1.device)), self.tau_sampling)
+        tau_token = repeat(tau, 'b n -> b (n s) 1', s=S)  # one per sample, slot and repeat
         x_tau = (1 - tau_token) * x0 + tau_token * x1
         velocity = self.decoder(x_tau, z, tau, (T - 1, h, w)).float()
         flow = F.mse_loss(velocity, self.decoder.flow_target(x0, x1, tau_token))
@@ -142,13 +156,14 @@ class NextVid(nn.Module):
         return groups
 
 
-def recolour(video):
-    """One of the 48 permutations and sign flips of the colour channels per clip, drawn from the
-    global RNG: (B, 3, F, H, W) in [-1, 1] -> the same. Not in the paper: a target that does not
-    know the clip's colours can only be predicted from what the colours leave alone (shape, motion)."""
-    B = len(video)
-    perm = torch.stack([torch.randperm(3) for _ in range(B)]).to(video.device)  # (B, 3)
-    sign = (torch.randint(0, 2, (B, 3, 1, 1, 1), device=video.device) * 2 - 1).to(video.dtype)
+def recolour(video, generators=None):
+    """One of the 48 permutations and sign flips of the colour channels per clip, drawn from its CPU
+    generator (default: the global RNG): (B, 3, F, H, W) in [-1, 1] -> the same. Not in the paper: a
+    target that does not know the clip's colours can only be predicted from what the colours leave alone."""
+    generators = generators or [None] * len(video)
+    perm = torch.stack([torch.randperm(3, generator=g) for g in generators]).to(video.device)  # (B, 3)
+    sign = torch.stack([torch.randint(0, 2, (3,), generator=g) for g in generators]) * 2 - 1  # (B, 3)
+    sign = sign[:, :, None, None, None].to(video.device, video.dtype)
     return torch.gather(video, 1, perm[:, :, None, None, None].expand_as(video)) * sign
 
 

@@ -388,10 +388,73 @@ def test_mix_follows_the_weights(tmp_path):
 
 
 def test_wrong_specs_explain_the_forms(tmp_path):
-    (tmp_path / 'notes.csv').write_text('x')
+    (tmp_path / 'notes.json').write_text('x')
     (tmp_path / 'empty').mkdir()
-    for spec in (str(tmp_path / 'nowhere'), str(tmp_path / 'notes.csv'), 'synthetic:abc', 'synthetic:0', ''):
+    for spec in (str(tmp_path / 'nowhere'), str(tmp_path / 'notes.json'), 'synthetic:abc', 'synthetic:0', ''):
         with pytest.raises(ValueError, match=re.escape('k400.txt:0.7,imagenet/train:0.3')):
             data.make_dataset(spec, frames=4, resolution=16, fps=4, train=True, seed=0)
     with pytest.raises(ValueError, match='neither videos'):
         data.make_dataset(str(tmp_path / 'empty'), frames=4, resolution=16, fps=4, train=True, seed=0)
+
+
+# ---------------------------------------------------------------- lists, decoding size, short videos
+
+def test_csv_and_bare_path_lists(tmp_path, monkeypatch):
+    write_video(tmp_path / 'a.mp4', 6)
+    write_video(tmp_path / 'b.mp4', 6)
+    labelled = write_list(tmp_path / 'k400.csv', ['a.mp4 3', 'b.mp4 1'])  # V-JEPA 2's lists: "path label"
+    bare = write_list(tmp_path / 'clips.txt', ['a.mp4', str(tmp_path / 'b.mp4')])
+    assert [label for _, label in data.list_files(str(labelled))] == [3, 1]
+    assert [(path.name, label) for path, label in data.list_files(str(bare))] == [('a.mp4', -1), ('b.mp4', -1)]
+    for lines, wrong in ((['a.mp4 0', 'b.mp4'], 2), (['a.mp4', 'b.mp4 1'], 2), (['a.mp4 0', '', 'b.mp4 x y'], 3)):
+        mixed = write_list(tmp_path / f'mixed{wrong}{len(lines)}.csv', lines)
+        with pytest.raises(ValueError, match=rf'mixed{wrong}{len(lines)}\.csv, line {wrong}'):
+            data.list_files(str(mixed))
+    reads, real = [], data.read_list
+    monkeypatch.setattr(data, 'read_list', lambda path: reads.append(path) or real(path))
+    data.read_source.cache_clear()
+    for _ in range(3):  # train.py builds its datasets several times: the list is read and checked once
+        data.make_dataset(str(labelled), frames=4, resolution=16, fps=12, train=True, seed=0)
+    assert len(reads) == 1
+    write_list(labelled, ['b.mp4 0'])  # unless it changed
+    assert len(data.make_dataset(str(labelled), frames=4, resolution=16, fps=12, train=True, seed=0)) == 1
+
+
+def test_decoding_at_the_crop_size_keeps_the_content(tmp_path):
+    path = tmp_path / 'big.mp4'
+    with av.open(str(path), 'w') as container:  # 320 x 240 with detail: stripes, a ramp and a moving square
+        stream = container.add_stream('mpeg4', rate=12)
+        stream.width, stream.height, stream.pix_fmt, stream.bit_rate = 320, 240, 'yuv420p', 4_000_000
+        v, u = np.mgrid[0:240, 0:320]
+        for t in range(8):
+            image = np.stack([u * 255 // 319, 128 + 100 * np.sin(u / 16.0 + v / 24.0), np.full_like(u, 60)], -1)
+            image[40 + 5 * t:100 + 5 * t, 60 + 8 * t:120 + 8 * t] = (250, 250, 20)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image.astype(np.uint8), format='rgb24')):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    full = video.read_video(path, 4, 12, [0.0])[0]
+    small = video.read_video(path, 4, 12, [0.0], short_side=60)[0]
+    assert full.shape == (4, 240, 320, 3) and small.shape == (4, 60, 80, 3)
+    assert video.read_video(path, 4, 12, [0.0], short_side=480)[0].shape == full.shape  # never enlarged
+    as_clip = lambda pixels: data.centre_views(rearrange(torch.from_numpy(pixels), 'f h w c -> c f h w'), 32, 1)[0]
+    error = (as_clip(full) - as_clip(small)).abs()  # both brought to 32 px, in [-1, 1] (2 = 255 levels)
+    # within resize tolerance: 1.5 levels on average, the worst pixels at the sharp edges of the square
+    assert error.mean() < 0.015 and error.quantile(0.99) < 0.1
+
+
+def test_short_videos_are_counted_or_skipped(tmp_path):
+    write_video(tmp_path / 'short.mp4', 5)
+    write_video(tmp_path / 'long.mp4', 24)
+    listing = write_list(tmp_path / 'list.txt', ['short.mp4 0', 'long.mp4 1'])
+    common = dict(frames=8, resolution=16, fps=12, train=True, seed=0)
+    padded = data.make_dataset(str(listing), **common)
+    labels = [padded[i][1] for i in range(6)]
+    assert data.read_counts(padded) == (6, labels.count(0)) and 0 < labels.count(0) < 6  # short.mp4: 5 frames < 8
+    skipping = data.make_dataset(str(listing), skip_short=True, **common)
+    with pytest.warns(UserWarning, match='shorter than a clip'):
+        assert [skipping[i][1] for i in range(6)] == [1] * 6
+    assert data.read_counts(skipping) == (6, 0)
+    mixed = data.make_dataset(f'{listing}:1,{listing}:2', **common)
+    labels = [mixed[i][1] for i in range(6)]
+    assert data.read_counts(mixed) == (6, labels.count(0))  # summed over the sources

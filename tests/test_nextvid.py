@@ -58,11 +58,13 @@ def test_v_prediction_is_the_network_output_itself():
 
 
 def test_logit_normal_tau_follows_jit():
-    tau = sample_tau((200000,), 'logit_normal', 'cpu')
+    draws = torch.rand(200000)
+    tau = sample_tau(draws, 'logit_normal')
     logit = torch.log(tau / (1 - tau))
     assert abs(logit.mean() + 0.8) < 0.01 and abs(logit.std() - 0.8) < 0.01
     assert (tau < 0.5).float().mean() > 0.8  # most draws nearer the noise
-    uniform = sample_tau((200000,), 'uniform', 'cpu')
+    assert (tau[draws.argsort()].diff() >= 0).all()  # monotone in the uniform draw
+    uniform = sample_tau(draws, 'uniform')
     assert abs(uniform.mean() - 0.5) < 0.01 and uniform.min() >= 0 and uniform.max() < 1
 
 

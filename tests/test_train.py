@@ -1,20 +1,26 @@
 """train.py: the schedule, exact resume, checkpoints of raw modules, NaN handling, torchrun with gloo."""
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 import train
 from nextvid import RECIPE
+from test_data import write_video
 from train import get_args, phases, schedule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a tiny run: 4 frames of 48 x 48 (2 slots of 6 x 6 tokens), 2 micro-batches per step
 SMALL = ['--frames', '4', '--cooldown_frames', '8', '--resolution', '48', '--batch_size', '4',
-         '--micro_batch_size', '2', '--log_every', '1', '--tau_repeats', '2', '--eval_steps', '2']
+         '--micro_batch_size', '2', '--log_every', '1', '--tau_repeats', '2', '--eval_steps', '2', '--dtype', 'fp32']
+
+SMALL_KEYS = {'frames', 'cooldown_frames', 'resolution', 'batch_size', 'micro_batch_size', 'tau_repeats', 'steps'}
 
 
 def losses(out_dir):
@@ -60,7 +66,7 @@ def test_recolour_permutes_and_negates_the_channels_of_each_clip():
 
 def test_reference_reads_recoloured_clips_only_when_asked(tmp_path, monkeypatch):
     calls, real = [], train.recolour
-    monkeypatch.setattr(train, 'recolour', lambda video: calls.append(len(video)) or real(video))
+    monkeypatch.setattr(train, 'recolour', lambda video, rngs: calls.append(len(video)) or real(video, rngs))
     train.train(SMALL + ['--steps', '2', '--recolour_targets', '--out_dir', str(tmp_path / 'on')])
     assert calls
     calls.clear()
@@ -105,25 +111,123 @@ def test_bad_data_stops_before_the_models_are_built(tmp_path, monkeypatch, capsy
         train.train(['--data', spec, '--out_dir', str(tmp_path / 'out')])
 
 
-def test_resumed_run_matches_uninterrupted_run(tmp_path):
+def weights(out_dir):
+    checkpoint = torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=False)
+    return {f'{key}.{name}': value for key in ('encoder', 'ema_encoder', 'predictor', 'decoder')
+            for name, value in checkpoint[key].items()}
+
+
+def test_the_same_command_continues_exactly(tmp_path):
     whole, split = str(tmp_path / 'whole'), str(tmp_path / 'split')
     os.makedirs(whole)
-    with open(os.path.join(whole, 'log.jsonl'), 'w') as f:  # an earlier run's log: a fresh run does not append to it
+    with open(os.path.join(whole, 'log.jsonl'), 'w') as f:  # an earlier run's log: a new run does not append to it
         f.write(json.dumps(dict(step=99, loss=1.0, flow=1.0, align=1.0)) + '\n')
     train.train(SMALL + ['--steps', '12', '--out_dir', whole])
     train.train(SMALL + ['--steps', '12', '--stop_at', '6', '--out_dir', split])
     assert torch.load(os.path.join(split, 'ckpt.pt'), weights_only=False)['step'] == 6
     with pytest.raises(SystemExit, match='keeps its recipe'):
         train.train(['--resume', '--lr', '1e-3', '--out_dir', split])
-    train.train(['--resume', '--out_dir', split, '--log_every', '1'])
+    train.train(SMALL + ['--steps', '12', '--out_dir', split])  # no --resume: a requeued job's command
     expected, resumed = losses(whole), losses(split)
     assert sorted(expected) == sorted(resumed) == list(range(1, 13))
     assert expected == resumed  # the same floats, including the cool-down's longer clips (step 12)
-    a = torch.load(os.path.join(whole, 'ckpt.pt'), weights_only=False)
-    b = torch.load(os.path.join(split, 'ckpt.pt'), weights_only=False)
-    for key in ('encoder', 'ema_encoder', 'predictor', 'decoder'):
-        assert all(torch.equal(a[key][name], b[key][name]) for name in a[key])
+    a, b = weights(whole), weights(split)
+    assert all(torch.equal(a[name], b[name]) for name in a)
     assert os.path.exists(os.path.join(whole, 'loss.png'))
+
+
+def test_a_second_launch_never_loses_a_run(tmp_path, capsys):
+    out = str(tmp_path / 'run')
+    with pytest.raises(SystemExit, match='no checkpoint'):
+        train.train(SMALL + ['--steps', '4', '--resume', '--out_dir', out])
+    train.train(SMALL + ['--steps', '4', '--out_dir', out])
+    files = {name: open(os.path.join(out, name), 'rb').read() for name in ('ckpt.pt', 'encoder.pt', 'log.jsonl')}
+    train.train(SMALL + ['--steps', '4', '--out_dir', out])  # finished: nothing to do, nothing rewritten
+    assert 'nothing to do' in capsys.readouterr().out
+    for flags in (['--steps', '8'], ['--steps', '4', '--lr', '1e-3'], ['--steps', '4', '--size', 's']):
+        with pytest.raises(SystemExit, match='another --out_dir'):  # another recipe into the same folder
+            train.train(SMALL + flags + ['--out_dir', out])
+    assert files == {name: open(os.path.join(out, name), 'rb').read() for name in files}
+
+
+def test_continuing_with_another_micro_batch_reaches_the_same_weights(tmp_path):
+    whole, split = str(tmp_path / 'whole'), str(tmp_path / 'split')
+    train.train(SMALL + ['--steps', '8', '--out_dir', whole])  # micro-batch 2: 2 accumulation steps
+    train.train(SMALL + ['--steps', '8', '--stop_at', '4', '--out_dir', split])
+    # runtime flags may change on the way: one micro-batch of 4 clips, encoder and decoder recomputed
+    train.train(SMALL + ['--steps', '8', '--micro_batch_size', '4', '--grad_checkpointing', '--out_dir', split])
+    config = json.load(open(os.path.join(split, 'config.json')))
+    assert config['micro_batch_size'] == 4 and config['grad_checkpointing'] and config['phases'][0]['micro_batch'] == 4
+    a, b = weights(whole), weights(split)
+    assert all(torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-6) for name in a)
+    assert not all(torch.equal(a[name], b[name]) for name in a)  # (summed in another order: equal within float error)
+
+
+def clean_env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_', 'SLURM_'))}
+    return dict(env, OMP_NUM_THREADS='1', **extra)
+
+
+def test_sigterm_saves_and_the_same_command_continues_exactly(tmp_path):
+    cmd = [sys.executable, 'train.py', *SMALL, '--steps', '10']
+    whole, split = str(tmp_path / 'whole'), str(tmp_path / 'split')
+    assert subprocess.run(cmd + ['--out_dir', whole], cwd=ROOT, env=clean_env(), capture_output=True, timeout=300).returncode == 0
+    job = subprocess.Popen(cmd + ['--out_dir', split], cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    log = os.path.join(split, 'log.jsonl')
+    deadline = time.time() + 240
+    while not (os.path.exists(log) and '"step": 2, "stage"' in open(log).read()) and time.time() < deadline:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)  # as SLURM or Kubernetes before they stop a job
+    output, _ = job.communicate(timeout=120)
+    assert job.returncode == 143, output[-2000:]
+    stopped = torch.load(os.path.join(split, 'ckpt.pt'), weights_only=False)['step']
+    assert 2 <= stopped < 10 and f'stopped by a signal at step {stopped}' in output
+    requeued = subprocess.run(cmd + ['--out_dir', split], cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert requeued.returncode == 0, requeued.stdout[-2000:] + requeued.stderr[-2000:]
+    assert sorted(losses(split)) == list(range(1, 11))
+    a, b = weights(whole), weights(split)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_srun_tasks_train_as_one_run(tmp_path):
+    flags = [*SMALL, '--steps', '3', '--micro_batch_size', '1']
+    train.train(flags + ['--out_dir', str(tmp_path / 'one')])
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    tasks = [subprocess.Popen([sys.executable, 'train.py', *flags, '--out_dir', str(tmp_path / 'two')], cwd=ROOT,
+                              env=clean_env(SLURM_PROCID=str(k), SLURM_LOCALID=str(k), SLURM_NTASKS='2', SLURM_NNODES='1',
+                                            SLURM_JOB_ID='1', MASTER_PORT=str(port)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for k in range(2)]
+    outputs = [task.communicate(timeout=300)[0] for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert json.load(open(tmp_path / 'two' / 'config.json'))['world'] == 2 and '2 rank(s)' in outputs[0]
+    assert sorted(losses(str(tmp_path / 'two'))) == [1, 2, 3]  # one log, one line a step
+    a, b = weights(str(tmp_path / 'one')), weights(str(tmp_path / 'two'))  # each clip's draws are its own
+    assert all(torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-6) for name in a)
+
+
+def test_csv_and_bare_path_lists_train(tmp_path):
+    for k in range(2):
+        write_video(tmp_path / f'v{k}.mp4', 24)
+    (tmp_path / 'train.csv').write_text('v0.mp4 0\nv1.mp4 1\n')  # V-JEPA 2's "path label" lines
+    (tmp_path / 'bare.txt').write_text(f'v0.mp4\n{tmp_path / "v1.mp4"}\n')  # unlabelled
+    out = str(tmp_path / 'out')
+    train.train(SMALL + ['--steps', '2', '--data', str(tmp_path / 'train.csv'), '--val', str(tmp_path / 'bare.txt'),
+                         '--fps', '1', '--keep_every', '1', '--out_dir', out])
+    config = json.load(open(os.path.join(out, 'config.json')))
+    for key in RECIPE['tiny'].keys() - SMALL_KEYS - {'fps'}:  # every value the size's recipe resolved
+        assert config[key] == RECIPE['tiny'][key], key
+    assert (config['resolution'], config['fps'], config['world']) == (48, 1.0, 1)
+    assert sorted(losses(out)) == [1, 2]
+    assert sorted(os.listdir(out)) == ['ckpt.pt', 'config.json', 'encoder.pt', 'encoder_0000001.pt', 'encoder_0000002.pt',
+                                       'log.jsonl', 'loss.png']
+    rows = [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
+    assert all(0 <= r['data_wait'] <= 1 and r['short_clips'] == 1.0 for r in rows if 'loss' in r)  # 4 frames at 1 fps span 37 of 12 fps
+    assert all(r['eval_clips'] == f"32 clips of {tmp_path / 'bare.txt'}" for r in rows if 'effective_rank' in r)
+    train.train(SMALL + ['--steps', '4', '--data', str(tmp_path / 'bare.txt'), '--fps', '2', '--out_dir', str(tmp_path / 'b')])
+    assert sorted(losses(str(tmp_path / 'b'))) == [1, 2, 3, 4]
 
 
 def test_loss_goes_down(tmp_path):
@@ -140,7 +244,7 @@ def test_loss_goes_down(tmp_path):
 
 
 def test_non_finite_loss_skips_then_stops(tmp_path, monkeypatch):
-    def broken(self, video, target, keeps, tau_repeats):
+    def broken(self, video, target, keeps, tau_repeats, seeds):
         nan = self.decoder.out.bias.sum() * float('nan')
         return nan, nan
     monkeypatch.setattr(train.NextVid, 'forward', broken)
@@ -186,7 +290,7 @@ def test_vae_target_trains_and_resumes(tmp_path):
     assert (checkpoint['args']['target'], checkpoint['args']['vae'], checkpoint['args']['vae_stats']) == ('vae', weights, stats)
     assert checkpoint['decoder']['out.weight'].shape[0] == 2 * 4 * 4 * 4  # tubelet x (8 / 2)^2 latent pixels x 4 channels
     assert not any(key.startswith(('vae', 'encoder.down')) for key in checkpoint['encoder'])  # no VAE in the checkpoint
-    train.train(['--resume', '--out_dir', out, '--log_every', '1'])  # the recorded target and VAE files
+    train.train(['--resume', '--out_dir', out, '--log_every', '1', '--micro_batch_size', '2', '--dtype', 'fp32'])  # the recorded target and VAE files
     assert sorted(losses(out)) == [1, 2, 3]
     scores = [r for r in map(json.loads, open(os.path.join(out, 'log.jsonl'))) if 'psnr_generated' in r]
     assert [r['step'] for r in scores] == [0, 2, 3] and all(5 < r['psnr_generated'] < 60 for r in scores)
