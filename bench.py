@@ -4,7 +4,7 @@ Training speed of NExT-Vid, the way the field states it: clips/s, tokens/s, MFU,
     python bench.py --size tiny                                   # CPU
     python bench.py --size s --attn dense                         # compare attention paths
     python bench.py --size l --dtype bf16 --compile               # one GPU
-    python bench.py --size g --dtype bf16 --compile --grad_checkpointing --micro_batch_size 16
+    python bench.py --size g --dtype bf16 --compile             # the size's micro-batch and checkpointing
 
 Runs full training steps (reference encoder, two masked encoder passes, predictor, decoder with
 the first stage's tau repeats, AdamW, EMA) on random clips of the size's default shape and
@@ -22,6 +22,7 @@ as one DataLoader worker does, so the JSON line's clips_per_s is per worker proc
     python bench.py --data k400/train.txt --size s --clips 50      # clips/s of one worker
     python bench.py --data /tmp/long.mp4 --size s                  # ms per clip at start, middle, end
     python bench.py --data /tmp/long.mp4 --size s --no_seek        # the same, decoding from the start
+    python bench.py --data /tmp/long.mp4 --size l --full_size      # the same, decoding frames at full size
 
 A single video file is no --data spec; given one, bench.py times --clips clips (decode and crop)
 at each of its start, middle and end, to show what a clip costs deep into a long video.
@@ -112,15 +113,18 @@ def bench_loader(args, recipe):
     """One JSON line: clips/s of reading --data's training clips, or ms per clip at the start, middle
     and end of one video file; `fallbacks` counts reads that could not seek."""
     torch.set_num_threads(1)  # as in a DataLoader worker
-    if args.no_seek:
-        data.read_video = functools.partial(data.read_video, seek=False)
     frames, resolution, fps = recipe['frames'], recipe['resolution'], recipe['fps']
-    result = dict(data=args.data, size=args.size, frames=frames, resolution=resolution, fps=fps, seek=not args.no_seek)
+    short_side = None if args.full_size else round(resolution * data.CROP_SHORT_SIDE)  # as data.FileClips decodes
+    data.read_video = functools.partial(video.read_video, seek=not args.no_seek)
+    if args.full_size:
+        data.read_video = lambda *a, **k: video.read_video(*a, **{**k, 'short_side': None}, seek=not args.no_seek)
+    result = dict(data=args.data, size=args.size, frames=frames, resolution=resolution, fps=fps, seek=not args.no_seek,
+                  decoded_short_side=short_side or 'full')
     if Path(args.data).suffix.lower() in data.VIDEO_SUFFIXES:
         rng = np.random.default_rng(0)
 
         def clip(place):
-            pixels = torch.from_numpy(data.read_video(args.data, frames, fps, [place])[0])
+            pixels = torch.from_numpy(data.read_video(args.data, frames, fps, [place], short_side=short_side)[0])
             return data.random_crop_flip(rearrange(pixels, 'f h w c -> c f h w'), resolution, rng)
         clip(0.0)  # warm-up: the file in the page cache
         for name, place in (('start', 0.0), ('middle', 0.5), ('end', 1.0)):
@@ -145,7 +149,7 @@ def main():
     p.add_argument('--micro_batch_size', type=int, help="clips per step (default: the size's micro batch)")
     p.add_argument('--dtype', choices=['fp32', 'bf16'], default='fp32')
     p.add_argument('--compile', action='store_true')
-    p.add_argument('--grad_checkpointing', action='store_true')
+    p.add_argument('--grad_checkpointing', action=argparse.BooleanOptionalAction, help="default: the size's (train.py)")
     p.add_argument('--attn', choices=['auto', 'dense', 'slots', 'flex'], default='auto', help='attention path (masks.attend)')
     p.add_argument('--steps', type=int, default=5, help='timed steps, after 2 warm-up steps')
     p.add_argument('--peak_tflops', type=float, help="the device's peak, for MFU on a device not in PEAK_TFLOPS")
@@ -156,8 +160,12 @@ def main():
     p.add_argument('--data', help="time the loader on train.py's --data, or one video file (docstring), not steps")
     p.add_argument('--clips', type=int, default=10, help='--data: clips timed (per position, for one video file)')
     p.add_argument('--no_seek', action='store_true', help='--data: decode videos from the start, as before seeking')
+    p.add_argument('--full_size', action='store_true', help="--data: decode frames at full size and resize them "
+                   "afterwards, as before decoding at the size the crop needs")
     args = p.parse_args()
     recipe = RECIPE[args.size]
+    if args.grad_checkpointing is None:
+        args.grad_checkpointing = recipe['grad_checkpointing']
     if args.data:
         return bench_loader(args, recipe)
     micro = args.micro_batch_size or recipe['micro_batch_size']

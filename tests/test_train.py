@@ -309,3 +309,15 @@ def test_vae_target_checks_its_files_and_patch_before_building(tmp_path, monkeyp
     weights, stats = write_vae(str(coarse), ch_mult=(1, 1, 1, 1, 1))  # factor 16 > the tiny ViT's patch 8
     with pytest.raises(SystemExit, match='not a multiple'):
         train.train(base + ['--vae', weights, '--vae_stats', stats])
+
+
+def test_the_defaults_per_size_are_what_the_readme_says():
+    readme = open(os.path.join(ROOT, 'README.md')).read()
+    table = readme[readme.index('| size | micro-batch per GPU (cool-down) | gradient checkpointing |'):].split('\n\n')[0]
+    rows = [line.strip('|').split('|') for line in table.splitlines()[2:]]
+    assert [row[0].strip() for row in rows] == list(RECIPE)
+    for size, micro, checkpointing in rows:
+        args = get_args(['--size', size.strip()])[0]
+        cooldown = phases(args, world=1, derive_micro=False)[1][4]
+        assert micro.strip() == f'{args.micro_batch_size} ({cooldown})', size
+        assert checkpointing.strip() == ('on' if args.grad_checkpointing else 'off'), size
