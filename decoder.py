@@ -19,7 +19,8 @@ far wider than the network (192, 384); clean frames lie near a low-dimensional m
 noise does not, so a narrow network can output the first and not the velocity (at tiny, v
 gives colour noise, README). The clamp keeps v_hat finite as tau -> 1.
 
-Sampling (`euler`): integrate the velocity from tau = 0 (noise) to tau = 1 (data).
+Sampling (`euler`): integrate the velocity from tau = 0 (noise) to tau = 1 (data); with x-prediction
+the last step lands on the clean estimate x_hat.
 
 `patchify` / `unpatchify` turn a clip into the pixel targets (one 2 x p x p x 3 cube of
 pixels per token, slot-major) and back. At enc_dim 1024 with a 64-channel target the
@@ -106,13 +107,14 @@ class Decoder(nn.Module):
             nn.init.zeros_(layer.weight)  # adaLN-Zero
             nn.init.zeros_(layer.bias)
 
-    def forward(self, x_tau, z, tau, grid):
+    def forward(self, x_tau, z, tau, grid, min_gap=0.05):
         """x_tau (B, L, target_dim), z (B, L, enc_dim), tau (B, n) one value per slot,
-        grid (n, h, w) with L = n*h*w. Returns the velocity (B, L, target_dim)."""
+        grid (n, h, w) with L = n*h*w. Returns the velocity (B, L, target_dim); for 'x',
+        (x_hat - x_tau) / max(1 - tau, min_gap)."""
         out = self.network(x_tau, z, tau, grid)
         if self.prediction == 'v':
             return out
-        return to_velocity(out, x_tau, repeat(tau, 'b n -> b (n s) 1', s=grid[1] * grid[2]))
+        return to_velocity(out, x_tau, repeat(tau, 'b n -> b (n s) 1', s=grid[1] * grid[2]), min_gap)
 
     def flow_target(self, x0, x1, tau):
         """What forward() regresses: v = x1 - x0 for 'v'; JiT's (x1 - x_tau) / max(1 - tau, 0.05) for
@@ -141,7 +143,9 @@ class Decoder(nn.Module):
         """Generate targets (B, L, target_dim) for latents z (B, L, enc_dim) by Euler steps."""
         noise = torch.randn(*z.shape[:2], self.out.out_features, generator=generator, device='cpu').to(z)
         n = grid[0]
-        velocity = lambda x, tau: self(x, z, tau.expand(z.shape[0], n), grid)
+        # 1 - tau >= 1/steps at every Euler step, so with that gap the clamp never binds and the last
+        # step lands on x_hat itself (with 0.05 at 50 steps it moved 40% of the way: 1.4% noise stayed)
+        velocity = lambda x, tau: self(x, z, tau.expand(z.shape[0], n), grid, min_gap=1 / steps)
         return euler(velocity, noise, steps)
 
     def num_params(self):

@@ -42,9 +42,10 @@ def test_the_clamp_keeps_the_velocity_finite_at_tau_1():
     assert velocity.abs().max() > 0  # an untrained x_hat (0) is off the target, and the velocity says so
 
 
-def test_euler_with_an_exact_x_predictor_recovers_the_target():
+@pytest.mark.parametrize('steps', [10, 50, 200])  # 50 and 200 end past the training clamp's 1 - tau = 0.05
+def test_euler_with_an_exact_x_predictor_recovers_the_target(steps):
     target = torch.randn(2, L, 12)
-    generated = x_decoder(exact_x=target).sample(torch.randn(2, L, 16), GRID, steps=10, generator=torch.Generator())
+    generated = x_decoder(exact_x=target).sample(torch.randn(2, L, 16), GRID, steps=steps, generator=torch.Generator())
     assert torch.allclose(generated, target, atol=1e-5)
 
 
