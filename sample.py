@@ -33,6 +33,7 @@ from data import load_image_clip, load_video_clip, make_dataset
 from decoder import patchify, unpatchify
 from masks import parse_masks, sample_keep
 from nextvid import NextVid, format_scores, generate, next_frame_scores, target_frames
+from runtime import autocast, default_dtype
 from vae import open_vae
 
 DISPLAY = 128  # frames are upscaled (nearest) by the largest whole factor that keeps them <= this, at least 1
@@ -40,7 +41,8 @@ LABEL_WIDTH, HEADER, GAP, GROUP_GAP = 90, 16, 2, 10  # pixels: row labels, text 
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=' '.join(__doc__.strip().split('\n\n')[0].split()),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--ckpt', default='out/ckpt.pt')
     p.add_argument('--out_dir', default='out/samples')
     source = p.add_mutually_exclusive_group()
@@ -52,6 +54,8 @@ def get_args(argv=None):
     p.add_argument('--samples', type=int, default=1, help='draws from different noise per clip')
     p.add_argument('--seed', type=int, default=0, help='seeds the mask, the noise and which synthetic clips')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--dtype', choices=['fp32', 'bf16'], help='autocast precision (default: bf16 on GPUs and CPUs with '
+                   'native bf16, fp32 elsewhere; the Euler steps accumulate in fp32 either way)')
     return p.parse_args(argv)
 
 
@@ -199,34 +203,41 @@ def load_clips(args, frames, train_args):
     return torch.stack([dataset[i][0] for i in range(args.clips)])
 
 
+def make_videos(args, encoder, predictor, decoder, vae, train_args, video, noise):
+    """The rows of the picture: ({row name: (B, 3, F, H, W)} of real clips, [(B, 3, F, H, W)] per draw,
+    the next-frame scores or None for a rollout, and the names of the output, of one draw and of the task)."""
+    if args.rollout:
+        seed = repeat(video[:, :, :encoder.tubelet], 'b c f h w -> (b n) c f h w', n=args.samples)
+        draws = rollout(encoder, predictor, decoder, seed, args.rollout, args.steps, noise, vae)
+        draws = rearrange(draws.float(), '(b n) c f h w -> n b c f h w', n=args.samples)
+        return {'real': video}, draws, None, 'rollout', 'rollout', f"rollout of {args.rollout} slots from slot 0"
+    grid = encoder.grid(video)
+    keep = first_mask(train_args, len(video), grid, args.seed, args.device)
+    tokens = generate(encoder, predictor, decoder, video, keep, args.steps, noise, args.samples, vae)  # (n*B, L, P)
+    T, h, w = grid
+    frames = target_frames(tokens, (T - 1, h, w), encoder.patch, encoder.tubelet, vae).float()  # (n*B, 3, F-2, H, W)
+    frames = torch.cat([torch.zeros_like(frames[:, :, :encoder.tubelet]), frames], dim=2)  # slot 0 grey: context only
+    draws = rearrange(frames, '(n b) c f h w -> n b c f h w', n=args.samples)
+    scores = next_frame_scores(encoder, predictor, decoder, video, keep, args.steps, noise,
+                               generated=tokens[:len(video)], vae=vae)  # the first draw
+    if keep is None:
+        videos = {'real': video, 'input (no mask)': video}
+    else:
+        videos = {'real': video, 'masked input': hide_masked(video, keep, grid, encoder.patch, encoder.tubelet)}
+    return videos, draws, scores, 'generation', 'generated', 'masked next-frame generation'
+
+
 def main(argv=None):
     args = get_args(argv)
     encoder, predictor, decoder, vae, train_args = load_models(args.ckpt, args.device)
     frames = encoder.tubelet * (1 + args.rollout) if args.rollout else train_args['frames']
     video = load_clips(args, frames, train_args).to(args.device)  # (B, 3, F, H, W)
     noise = torch.Generator().manual_seed(args.seed)
-    if args.rollout:
-        name, one_draw, task = 'rollout', 'rollout', f"rollout of {args.rollout} slots from slot 0"
-        seed = repeat(video[:, :, :encoder.tubelet], 'b c f h w -> (b n) c f h w', n=args.samples)
-        draws = rollout(encoder, predictor, decoder, seed, args.rollout, args.steps, noise, vae)
-        draws = rearrange(draws, '(b n) c f h w -> n b c f h w', n=args.samples)
-        videos = {'real': video}
-    else:
-        name, one_draw, task = 'generation', 'generated', 'masked next-frame generation'
-        grid = encoder.grid(video)
-        keep = first_mask(train_args, len(video), grid, args.seed, args.device)
-        tokens = generate(encoder, predictor, decoder, video, keep, args.steps, noise, args.samples, vae)  # (n*B, L, P)
-        T, h, w = grid
-        frames = target_frames(tokens, (T - 1, h, w), encoder.patch, encoder.tubelet, vae)  # (n*B, 3, F-2, H, W)
-        frames = torch.cat([torch.zeros_like(frames[:, :, :encoder.tubelet]), frames], dim=2)  # slot 0 grey: context only
-        draws = rearrange(frames, '(n b) c f h w -> n b c f h w', n=args.samples)
-        scores = next_frame_scores(encoder, predictor, decoder, video, keep, args.steps, noise,
-                                   generated=tokens[:len(video)], vae=vae)  # the first draw
+    with autocast(args.device, args.dtype or default_dtype(args.device)):
+        videos, draws, scores, name, one_draw, task = make_videos(args, encoder, predictor, decoder, vae, train_args,
+                                                                  video, noise)
+    if scores:
         print(f"{len(video)} clip(s), {format_scores(scores)}")
-        if keep is None:
-            videos = {'real': video, 'input (no mask)': video}
-        else:
-            videos = {'real': video, 'masked input': hide_masked(video, keep, grid, encoder.patch, encoder.tubelet)}
     labels = [one_draw] if args.samples == 1 else [f"sample {i + 1}" for i in range(args.samples)]
     videos.update(zip(labels, draws))  # each (B, 3, F, H, W)
     source = os.path.basename(args.video or args.image or 'synthetic clips')

@@ -10,6 +10,7 @@ from PIL import Image
 
 import sample
 import train
+from checkpoints import save_checkpoint
 from data import load_image_clip, make_dataset
 from nextvid import NextVid
 
@@ -18,14 +19,14 @@ FRAMES, RESOLUTION = 8, 64  # the tiny recipe's clips
 
 @pytest.fixture(scope='module')
 def ckpt(tmp_path_factory):
-    """An untrained tiny run, built as train.py builds it and saved by train.py's own save_checkpoint."""
-    path = str(tmp_path_factory.mktemp('run') / 'ckpt.pt')
+    """An untrained tiny run, built as train.py builds it and saved as train.py saves it."""
+    out_dir = tmp_path_factory.mktemp('run')
     args, _ = train.get_args([])
     torch.manual_seed(0)
     model = NextVid.build(**vars(args))
     torch.nn.init.normal_(model.decoder.out.weight, std=0.02)  # off adaLN-Zero's start: an x_hat of 0 would make every slot alike
-    train.save_checkpoint(path, model, deepcopy(model.encoder), torch.optim.AdamW(model.parameters()), 0, args)
-    return path
+    save_checkpoint(str(out_dir), model, deepcopy(model.encoder), torch.optim.AdamW(model.parameters()), 0, vars(args))
+    return str(out_dir / 'ckpt.pt')
 
 
 @pytest.fixture
