@@ -1,7 +1,7 @@
 """
 Training speed of NExT-Vid, the way the field states it: clips/s, tokens/s, MFU, peak memory.
 
-    python bench.py --size tiny                                   # CPU
+    python bench.py --size tiny                                   # CPU: bf16 where native, then fp32
     python bench.py --size s --attn dense                         # compare attention paths
     python bench.py --size l --dtype bf16 --compile               # one GPU
     python bench.py --size g --dtype bf16 --compile             # the size's micro-batch and checkpointing
@@ -31,6 +31,8 @@ import argparse
 import functools
 import json
 import resource
+import subprocess
+import sys
 import time
 from copy import deepcopy
 from pathlib import Path
@@ -45,6 +47,7 @@ import video
 from encoder import SIZES
 from masks import Pattern, parse_masks, sample_keep
 from nextvid import RECIPE, NextVid
+from runtime import default_dtype
 from vae import VAE, load_vae
 
 PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'L40S': 362.0}  # dense bf16 tensor cores
@@ -147,7 +150,8 @@ def main():
     p = argparse.ArgumentParser(description='Benchmark NExT-Vid training steps.')
     p.add_argument('--size', choices=list(SIZES), default='tiny')
     p.add_argument('--micro_batch_size', type=int, help="clips per step (default: the size's micro batch)")
-    p.add_argument('--dtype', choices=['fp32', 'bf16'], default='fp32')
+    p.add_argument('--dtype', choices=['fp32', 'bf16'], help='autocast precision (default: as train.py; where that is '
+                   'bf16 on a CPU, a second row in fp32 follows, from a fresh process)')
     p.add_argument('--compile', action='store_true')
     p.add_argument('--grad_checkpointing', action=argparse.BooleanOptionalAction, help="default: the size's (train.py)")
     p.add_argument('--attn', choices=['auto', 'dense', 'slots', 'flex'], default='auto', help='attention path (masks.attend)')
@@ -170,6 +174,8 @@ def main():
         return bench_loader(args, recipe)
     micro = args.micro_batch_size or recipe['micro_batch_size']
     device = torch.device(args.device)
+    compare = args.dtype is None and device.type == 'cpu' and default_dtype('cpu') == 'bf16'
+    args.dtype = args.dtype or default_dtype(args.device)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.dtype == 'bf16')
 
     torch.manual_seed(0)
@@ -236,6 +242,8 @@ def main():
         clips_per_s=round(micro / seconds, 2), tokens_per_s=round(micro * grid[0] * grid[1] * grid[2] / seconds),
         gflops_per_clip=round(flops / 1e9, 2), tflops=round(achieved, 3),
         mfu=round(achieved / peak, 4) if peak else None, peak_memory_gb=round(memory, 2))))
+    if compare:  # the CPU default against fp32, each in its own process (peak memory is the process's)
+        subprocess.run([sys.executable, *sys.argv, '--dtype', 'fp32'], check=True)
 
 
 if __name__ == '__main__':

@@ -307,6 +307,7 @@ def train(argv=None):
         print(f"fixed evaluation batch: {eval_clips}")
 
     def evaluate(step):  # on the fixed batch: the reference features' effective rank, next-frame generation's PSNR
+        began = time.time()
         with torch.no_grad(), precision:
             features = torch.cat([ema(chunk.to(device)).mean(1) for chunk in fixed.split(args.micro_batch_size)])
             keep = None if args.no_mask else sample_keep(len(fixed), encoder.grid(fixed), *masks[0],
@@ -316,7 +317,7 @@ def train(argv=None):
                                        vae=model.vae)
         rank_now = effective_rank(features)
         tqdm.write(f"step {step} | effective rank of reference features {rank_now:.2f} | {format_scores(scores)}")
-        row = dict(step=step, effective_rank=rank_now, eval_clips=eval_clips)
+        row = dict(step=step, effective_rank=rank_now, eval_clips=eval_clips, eval_s=time.time() - began)
         for name, (all_pixels, masked) in scores.items():
             key = 'psnr_' + name.replace(' ', '_')
             row[key], row[key + '_masked'] = all_pixels, masked
