@@ -3,7 +3,8 @@ The NExT-Vid objective (arXiv 2512.21004, Eq. 9) and masked next-frame generatio
 
     python -c "from nextvid import *; m = NextVid.build('tiny', **RECIPE['tiny']); print(m)"
 
-- RECIPE: the size presets (the paper's Table 8 for l, h, g; tiny, s and b decided here).
+- RECIPE: the size presets (the paper's Table 8 for l, h, g; tiny, s and b decided here); STAGES,
+  schedule and phases: the four stages of Table 8, step by step.
 - NextVid: the three trained networks (encoder, predictor, decoder) and the two losses; the decoder's
   target is pixels or, with a frozen VA-VAE (vae.py, `--target vae`), its latents.
 - generate / next_frame_scores: masked next-frame generation as sample.py shows it, and its PSNR
@@ -66,6 +67,47 @@ RECIPE = {  # the smaller sizes are decided here
     'b': {**PAPER, 'steps': 60000, 'batch_size': 1024},
     'l': PAPER, 'h': PAPER, 'g': PAPER,
 }
+
+
+# The four stages of Table 8 as shares of the run (12K, 28K, 80K, 12K of 132K steps):
+# (name, share, lr from and to as multiples of --lr, decoder lr as a multiple of --decoder_lr
+#  or None = same as the main lr, whether --tau_repeats applies (else 1)). The cool-down also
+# reads longer clips (see phases).
+STAGES = [
+    ('warmup', 12, 0.2, 1.0, None, True),       # 1e-4 -> 5e-4
+    ('stable1', 28, 1.0, 0.9, None, True),      # 5e-4 -> 4.5e-4
+    ('stable2', 80, 0.9, 0.2, 1.0, False),      # 4.5e-4 -> 1e-4, decoder 8e-4 fixed
+    ('cooldown', 12, 0.2, 0.002, 0.375, False),  # 1e-4 -> 1e-6, decoder 3e-4 fixed
+]
+def schedule(step, args):
+    """Stage, learning rates and tau repeats at `step` of the four-stage recipe."""
+    total = sum(s[1] for s in STAGES)
+    end = 0
+    for name, share, lr_from, lr_to, decoder, repeats in STAGES:
+        start, end = end, end + share * args.steps / total
+        if step < end or name == 'cooldown':
+            frac = min(max((step - start) / max(end - start, 1), 0.0), 1.0)
+            lr = args.lr * (lr_from + (lr_to - lr_from) * frac)
+            return dict(stage=name, lr=lr, decoder_lr=lr if decoder is None else decoder * args.decoder_lr,
+                        tau_repeats=args.tau_repeats if repeats else 1, start=math.ceil(start))
+
+
+def phases(args, world, derive_micro=False):
+    """(first step, last step, frames, global batch, micro batch) before and in the cool-down. With
+    derive_micro (no --micro_batch_size given), each phase takes the largest micro-batch up to the
+    recipe's that splits its batch evenly over the ranks."""
+    factor = args.cooldown_frames / args.frames
+    cool = (args.cooldown_frames, int(args.batch_size / factor), max(1, int(args.micro_batch_size / factor)))
+    result = []
+    for frames, batch, micro in [(args.frames, args.batch_size, args.micro_batch_size), cool]:
+        if derive_micro and batch % world == 0:
+            micro = max(m for m in range(1, micro + 1) if (batch // world) % m == 0)
+        if batch < 1 or batch % (micro * world):
+            raise ValueError(f"batch of {batch} clips does not divide into micro-batches of {micro} on {world} "
+                             f"rank(s) (frames {frames}); choose --batch_size a multiple of micro_batch_size x ranks")
+        result.append([frames, batch, micro])
+    cooldown_start = schedule(args.steps - 1, args)['start']
+    return [(0, cooldown_start, *result[0]), (cooldown_start, args.steps, *result[1])]
 
 
 def sample_tau(uniform, how):

@@ -21,7 +21,6 @@ fixed batch, next to two baselines (copy the last visible frame; each clip's mea
 """
 import argparse
 import json
-import math
 import os
 import time
 import warnings
@@ -39,20 +38,10 @@ from checkpoints import save_checkpoint, save_encoder
 from data import SPEC_HELP, StepSampler, make_dataset, read_counts
 from encoder import SIZES
 from masks import parse_masks, sample_keep
-from nextvid import RECIPE, NextVid, effective_rank, format_scores, next_frame_scores, recolour
+from nextvid import RECIPE, NextVid, effective_rank, format_scores, next_frame_scores, phases, recolour, schedule
 from runtime import StopSignal, autocast, default_dtype, setup_distributed
 from vae import open_vae
 
-# The four stages of Table 8 as shares of the run (12K, 28K, 80K, 12K of 132K steps):
-# (name, share, lr from and to as multiples of --lr, decoder lr as a multiple of --decoder_lr
-#  or None = same as the main lr, whether --tau_repeats applies (else 1)). The cool-down also
-# reads longer clips (see phases).
-STAGES = [
-    ('warmup', 12, 0.2, 1.0, None, True),       # 1e-4 -> 5e-4
-    ('stable1', 28, 1.0, 0.9, None, True),      # 5e-4 -> 4.5e-4
-    ('stable2', 80, 0.9, 0.2, 1.0, False),      # 4.5e-4 -> 1e-4, decoder 8e-4 fixed
-    ('cooldown', 12, 0.2, 0.002, 0.375, False),  # 1e-4 -> 1e-6, decoder 3e-4 fixed
-]
 # Flags that change how a step is computed, never what it computes: a continued run may change them.
 RUNTIME = {'out_dir', 'resume', 'stop_at', 'micro_batch_size', 'grad_checkpointing', 'dtype', 'compile', 'num_workers',
            'log_every', 'save_every', 'keep_every', 'eval_steps', 'val', 'device'}
@@ -135,23 +124,6 @@ def get_args(argv=None):
     return args, given
 
 
-# -----------------------------------------------------------------------------
-# the objective
-
-
-def schedule(step, args):
-    """Stage, learning rates and tau repeats at `step` of the four-stage recipe."""
-    total = sum(s[1] for s in STAGES)
-    end = 0
-    for name, share, lr_from, lr_to, decoder, repeats in STAGES:
-        start, end = end, end + share * args.steps / total
-        if step < end or name == 'cooldown':
-            frac = min(max((step - start) / max(end - start, 1), 0.0), 1.0)
-            lr = args.lr * (lr_from + (lr_to - lr_from) * frac)
-            return dict(stage=name, lr=lr, decoder_lr=lr if decoder is None else decoder * args.decoder_lr,
-                        tau_repeats=args.tau_repeats if repeats else 1, start=math.ceil(start))
-
-
 def make_loader(args, frames, batch, micro, first, last, offset, rank, world):
     dataset = make_dataset(args.data, frames=frames, resolution=args.resolution, fps=args.fps, train=True, seed=args.seed,
                            distractors=args.distractors, camera_motion=args.camera_motion, skip_short=args.skip_short)
@@ -232,24 +204,6 @@ def check_data(args):
             raise SystemExit(f"{flag} {spec}: {error}\n{SPEC_HELP}")
 
 
-def phases(args, world, derive_micro=False):
-    """(first step, last step, frames, global batch, micro batch) before and in the cool-down. With
-    derive_micro (no --micro_batch_size given), each phase takes the largest micro-batch up to the
-    recipe's that splits its batch evenly over the ranks."""
-    factor = args.cooldown_frames / args.frames
-    cool = (args.cooldown_frames, int(args.batch_size / factor), max(1, int(args.micro_batch_size / factor)))
-    result = []
-    for frames, batch, micro in [(args.frames, args.batch_size, args.micro_batch_size), cool]:
-        if derive_micro and batch % world == 0:
-            micro = max(m for m in range(1, micro + 1) if (batch // world) % m == 0)
-        if batch < 1 or batch % (micro * world):
-            raise SystemExit(f"batch of {batch} clips does not divide into micro-batches of {micro} on {world} "
-                             f"rank(s) (frames {frames}); choose --batch_size a multiple of micro_batch_size x ranks")
-        result.append([frames, batch, micro])
-    cooldown_start = schedule(args.steps - 1, args)['start']
-    return [(0, cooldown_start, *result[0]), (cooldown_start, args.steps, *result[1])]
-
-
 def train(argv=None):
     args, given = get_args(argv)
     rank, world, args.device = setup_distributed(args.device)
@@ -261,7 +215,10 @@ def train(argv=None):
         args.num_workers = 8 if args.device.startswith('cuda') else 0
     args.dtype = args.dtype or default_dtype(args.device)
     masks = parse_masks(args.masks)
-    plan = phases(args, world, derive_micro='micro_batch_size' not in given)
+    try:
+        plan = phases(args, world, derive_micro='micro_batch_size' not in given)
+    except ValueError as error:  # a batch that does not split over the ranks and micro-batches
+        raise SystemExit(str(error))
     device, precision = torch.device(args.device), autocast(args.device, args.dtype)
 
     torch.manual_seed(args.seed)

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import train
-from nextvid import RECIPE
+from nextvid import RECIPE, phases, schedule
 from test_data import write_video
-from train import get_args, phases, schedule
+from train import get_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a tiny run: 4 frames of 48 x 48 (2 slots of 6 x 6 tokens), 2 micro-batches per step
@@ -95,9 +95,9 @@ def test_micro_batch_is_derived_when_not_given():
     args, given = get_args([])  # tiny: batch 16, micro-batch 16; the cool-down 8 clips of twice the frames
     assert [phase[3:] for phase in phases(args, 2, derive_micro=True)] == [(16, 8), (8, 4)]
     assert [phase[3:] for phase in phases(args, 1, derive_micro=True)] == [(16, 16), (8, 8)]
-    with pytest.raises(SystemExit, match='micro-batches of 16 on 2'):  # one the user chose is kept, and checked
+    with pytest.raises(ValueError, match='micro-batches of 16 on 2'):  # one the user chose is kept, and checked
         phases(args, 2, derive_micro=False)
-    with pytest.raises(SystemExit, match='16 clips'):  # no micro-batch splits 16 clips over 3 ranks
+    with pytest.raises(ValueError, match='16 clips'):  # no micro-batch splits 16 clips over 3 ranks
         phases(args, 3, derive_micro=True)
 
 
