@@ -1,21 +1,29 @@
 """
 The attentive probe's pieces (NExT-Vid Table 10, V-JEPA's protocol): the head that reads a frozen
-encoder's tokens; PixelTokens, the "no encoder" floor that probe.py --pixels puts in its place; and
-train_probes, which trains one head per (lr, weight decay) on the same features and validates each.
+encoder's tokens; PixelTokens, the "no encoder" floor that probe.py --pixels puts in its place; the
+features heads train on (clips encoded on the fly, or cached), each rank holding its share; and
+ProbeGrid / train_probes, one head per (lr, weight decay) trained on the same features.
+
+Under torchrun every global batch is split over the ranks (rank r takes the videos whose number in
+the epoch is r modulo the ranks), each rank weights its mean loss by its share of the batch, and the
+heads' gradients are summed over the ranks: N ranks take the steps one process takes on the whole
+batch, up to float rounding. Validation sums the right answers of all ranks, each video counted once.
 
     python -c "from attentive_probe import *; import torch; print(AttentiveProbe(192, 16, 8)(torch.randn(2, 256, 192)).shape)"
 """
 import math
-from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, repeat
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from decoder import patchify
 from encoder import MLP, init_weights
+from runtime import autocast
 
 
 class AttentiveProbe(nn.Module):
@@ -84,24 +92,101 @@ class PixelTokens(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# training probes on features: `batches` are any object with len() (batches an epoch) and .epoch(e),
-# an iterator of (tokens (B, V, L, D), labels (B,)) (probe.py's EncodedVideos and CachedFeatures)
+# features: batches of (tokens (b, V, L, D) or None, labels (b,), videos in the global batch) from
+# .epoch(e), this rank's share of each global batch (None: no video of it), len() batches an epoch
 
 
-def autocast(device):
-    return torch.autocast('cuda', torch.bfloat16) if device.type == 'cuda' else nullcontext()
+def rank_and_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def evaluate(probes, batches):
-    """Top-1 (percent) of every probe, the softmax averaged over views."""
-    correct, seen = torch.zeros(len(probes)), 0
-    with torch.no_grad():
-        for tokens, labels in tqdm(batches.epoch(0), total=len(batches), desc='validation', leave=False):
-            for i, probe in enumerate(probes):
-                with autocast(tokens.device):
-                    correct[i] += (predict(probe, tokens).argmax(-1) == labels).sum().item()
-            seen += len(labels)
-    return (100 * correct / seen).tolist()
+def all_sum(values):
+    """A list of numbers summed over the ranks (float64: counts stay exact)."""
+    if not dist.is_initialized():
+        return values
+    summed = torch.tensor(values, dtype=torch.float64, device='cuda' if dist.get_backend() == 'nccl' else 'cpu')
+    dist.all_reduce(summed)
+    return summed.tolist()
+
+
+def encode(encoder, clips, layers, chunk, dtype, grad=False):
+    """clips (B, V, S, 3, F, H, W) -> tokens (B, V, S*N, layers*D): every segment of every view is
+    encoded on its own (`chunk` clips per forward) and its N tokens follow in segment order.
+    grad: keep the graph (--supervised trains the encoder)."""
+    B, V = clips.shape[:2]
+    flat = rearrange(clips, 'b v s c f h w -> (b v s) c f h w')
+    with torch.set_grad_enabled(grad), autocast(clips.device, dtype):
+        tokens = torch.cat([encoder(part, last=layers) for part in flat.split(chunk)])  # (B*V*S, N, layers*D)
+    return rearrange(tokens, '(b v s) n d -> b v (s n) d', b=B, v=V)
+
+
+class EncodedVideos:
+    """`size` videos of a dataset encoded on the fly by encode_clips (--supervised trains on clips:
+    encode_clips moves them), `batch_size` a global batch. A training set reads items e*size ..
+    (e+1)*size - 1 in epoch e (new crops, segment offsets and file order each epoch), others items
+    0 .. size - 1; this rank reads those whose number in the epoch is its rank modulo the ranks."""
+
+    def __init__(self, dataset, size, batch_size, encode_clips, classes, train, num_workers):
+        self.dataset, self.size, self.batch_size, self.encode_clips = dataset, size, batch_size, encode_clips
+        self.classes, self.train, self.num_workers = classes, train, num_workers
+        self.rank, self.world = rank_and_world()
+
+    def __len__(self):
+        return math.ceil(self.size / self.batch_size)
+
+    def epoch(self, epoch):
+        first = epoch * self.size if self.train else 0
+        starts = range(0, self.size, self.batch_size)
+        shares = [[first + j for j in range(start, min(start + self.batch_size, self.size)) if j % self.world == self.rank]
+                  for start in starts]
+        loaded = iter(DataLoader(self.dataset, batch_sampler=[share for share in shares if share],
+                                 num_workers=self.num_workers))
+        for start, share in zip(starts, shares):
+            videos = min(self.batch_size, self.size - start)
+            if not share:
+                yield None, torch.zeros(0, dtype=torch.long), videos
+                continue
+            clips, labels = next(loaded)  # clips (b, V, S, 3, F, H, W)
+            wrong = labels[(labels < 0) | (labels >= self.classes)]
+            if len(wrong):
+                raise ValueError(f'label {wrong[0].item()} is out of range: the training data has {self.classes} '
+                                 f'classes, labels 0 .. {self.classes - 1}')
+            tokens = self.encode_clips(clips)
+            yield tokens, labels.to(tokens.device), videos
+
+
+class CachedFeatures:
+    """This rank's tokens (n, V, L, D) and labels (n,) of `size` videos, video j at j // world when j is
+    its rank modulo the ranks (as EncodedVideos reads them); global batches of `batch_size`, the same
+    on every rank, reshuffled each epoch when `shuffle`."""
+
+    def __init__(self, tokens, labels, batch_size, shuffle, size=None):
+        self.tokens, self.labels, self.batch_size, self.shuffle = tokens, labels, batch_size, shuffle
+        self.size = len(labels) if size is None else size
+        self.rank, self.world = rank_and_world()
+
+    def __len__(self):
+        return math.ceil(self.size / self.batch_size)
+
+    def epoch(self, epoch):
+        n = self.size
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch)) if self.shuffle else torch.arange(n)
+        for batch in order.split(self.batch_size):
+            mine = batch[batch % self.world == self.rank] // self.world
+            yield (self.tokens[mine] if len(mine) else None), self.labels[mine], len(batch)
+
+
+def cache(videos, shuffle, name):
+    """Encode this rank's share of an EncodedVideos once."""
+    bar = tqdm(videos.epoch(0), total=len(videos), desc=f'encoding {name}', dynamic_ncols=True, disable=videos.rank > 0)
+    shares = [(tokens, labels) for tokens, labels, _ in bar if tokens is not None]
+    tokens = torch.cat([tokens for tokens, _ in shares]) if shares else None  # None: fewer videos than ranks
+    labels = torch.cat([labels for _, labels in shares]) if shares else torch.zeros(0, dtype=torch.long)
+    return CachedFeatures(tokens, labels, videos.batch_size, shuffle, videos.size)
+
+
+# -----------------------------------------------------------------------------
+# training a grid of heads on features
 
 
 def cosine_schedule(optimizer, total_steps):
@@ -109,40 +194,93 @@ def cosine_schedule(optimizer, total_steps):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
 
 
-def train_step(probe, optimizer, scheduler, tokens, labels):
-    """One optimizer step of cross-entropy on tokens (B, V, L, D), each view a sample (training uses
-    one); returns how many of the B*V predictions were right."""
-    labels = repeat(labels, 'b -> (b v)', v=tokens.shape[1])
-    with autocast(tokens.device):
-        logits = probe(rearrange(tokens, 'b v l d -> (b v) l d')).float()  # (B*V, classes)
-    loss = F.cross_entropy(logits, labels)
+class ProbeGrid:
+    """One AttentiveProbe per (lr, weight decay) of `grid`, drawn from `seed` (the same heads on every
+    rank), each with its AdamW and a cosine lr over `total_steps`; state_dict() is what resumes them."""
+
+    def __init__(self, grid, dim, heads, classes, total_steps, device, seed=0):
+        torch.manual_seed(seed)
+        self.grid = grid
+        self.probes = [AttentiveProbe(dim, heads, classes).to(device) for _ in grid]
+        self.optimizers = [torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=wd)
+                           for probe, (lr, wd) in zip(self.probes, grid)]
+        self.schedulers = [cosine_schedule(optimizer, total_steps) for optimizer in self.optimizers]
+
+    def state_dict(self):
+        return {name: [part.state_dict() for part in getattr(self, name)] for name in ('probes', 'optimizers', 'schedulers')}
+
+    def load_state_dict(self, state):
+        for name in ('probes', 'optimizers', 'schedulers'):
+            for part, saved in zip(getattr(self, name), state[name], strict=True):
+                part.load_state_dict(saved)
+
+
+def train_step(probe, optimizer, scheduler, tokens, labels, videos, dtype):
+    """One optimizer step of cross-entropy on a global batch of `videos` videos, of which this rank
+    holds tokens (b, V, L, D) (None: none) and labels (b,), each view a sample (training uses one).
+    The rank's mean loss is weighted by b / videos and the gradients are summed over the ranks: the
+    whole batch's mean. Returns how many of this rank's b*V predictions were right."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    correct = 0
+    if tokens is not None:
+        labels = repeat(labels, 'b -> (b v)', v=tokens.shape[1])
+        with autocast(tokens.device, dtype):
+            logits = probe(rearrange(tokens, 'b v l d -> (b v) l d')).float()  # (b*V, classes)
+        (F.cross_entropy(logits, labels) * (len(tokens) / videos)).backward()
+        correct = (logits.argmax(-1) == labels).sum().item()
+    if dist.is_initialized():
+        params = list(probe.parameters())
+        grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+        dist.all_reduce(grads)  # one call per head and step
+        for p, grad in zip(params, grads.split([p.numel() for p in params])):
+            p.grad = grad.view_as(p)
     optimizer.step()
     scheduler.step()
-    return (logits.argmax(-1) == labels).sum().item()
+    return correct
 
 
-def train_probes(train_batches, val_batches, dim, classes, heads, epochs, device, grid, seed=0):
-    """Train one AttentiveProbe per (lr, weight decay) of `grid` on the same batches; validate after
-    every epoch. Returns, per probe, its lr, weight decay and train / validation top-1 per epoch."""
-    torch.manual_seed(seed)
-    probes = [AttentiveProbe(dim, heads, classes).to(device) for _ in grid]
-    optimizers = [torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=wd) for probe, (lr, wd) in zip(probes, grid)]
-    schedulers = [cosine_schedule(optimizer, epochs * len(train_batches)) for optimizer in optimizers]
-    history = [dict(lr=lr, weight_decay=wd, train_top1=[], val_top1=[]) for lr, wd in grid]
-    for epoch in range(epochs):
-        correct, seen = torch.zeros(len(probes)), 0
+def evaluate(probes, batches, dtype):
+    """Top-1 (percent) of every probe over all ranks' videos, the softmax averaged over views, and the
+    number of videos counted (each once: the ranks' shares do not overlap)."""
+    correct, seen = [0] * len(probes), 0
+    with torch.no_grad():
+        for tokens, labels, _ in tqdm(batches.epoch(0), total=len(batches), desc='validation', leave=False,
+                                      disable=batches.rank > 0):
+            if tokens is None:
+                continue
+            for i, probe in enumerate(probes):
+                with autocast(tokens.device, dtype):
+                    correct[i] += (predict(probe, tokens).argmax(-1) == labels).sum().item()
+            seen += len(labels)
+    *correct, seen = all_sum(correct + [seen])
+    return (100 * torch.tensor(correct, dtype=torch.float32) / seen).tolist(), int(seen)
+
+
+def train_probes(train_batches, val_batches, grid, epochs, dtype='fp32', history=None, after_epoch=None, stop=None):
+    """Train the heads of a ProbeGrid on the same batches from the epoch after those in `history`
+    (a record per head: lr, weight decay, train / validation top-1 per epoch) to `epochs`, validating
+    after each and calling after_epoch(history); stop() (asked after every step, the same answer on
+    every rank) ends the epoch early and leaves it out. Returns the history."""
+    history = history or [dict(lr=lr, weight_decay=wd, train_top1=[], val_top1=[]) for lr, wd in grid.grid]
+    parts = list(zip(grid.probes, grid.optimizers, grid.schedulers))
+    for epoch in range(len(history[0]['val_top1']), epochs):
+        correct, seen = [0] * len(parts), 0
         bar = tqdm(train_batches.epoch(epoch), total=len(train_batches), desc=f'epoch {epoch + 1}/{epochs}',
-                   dynamic_ncols=True)
-        for tokens, labels in bar:
-            for i, (probe, optimizer, scheduler) in enumerate(zip(probes, optimizers, schedulers)):
-                correct[i] += train_step(probe, optimizer, scheduler, tokens, labels)  # one probe's graph at a time
-            seen += tokens.shape[0] * tokens.shape[1]
-        val_top1 = evaluate(probes, val_batches)
-        for record, train_correct, top1 in zip(history, correct.tolist(), val_top1):
+                   dynamic_ncols=True, disable=train_batches.rank > 0)
+        for tokens, labels, videos in bar:
+            for i, part in enumerate(parts):
+                correct[i] += train_step(*part, tokens, labels, videos, dtype)  # one head's graph at a time
+            seen += 0 if tokens is None else tokens.shape[0] * tokens.shape[1]
+            if stop and stop():
+                return history
+        *correct, seen = all_sum(correct + [seen])
+        val_top1, _ = evaluate(grid.probes, val_batches, dtype)
+        for record, train_correct, top1 in zip(history, correct, val_top1):
             record['train_top1'].append(100 * train_correct / seen)
             record['val_top1'].append(top1)
-        bar.write(f'epoch {epoch + 1}: best val top-1 {max(val_top1):.2f}, '
-                  f'best train top-1 {100 * correct.max().item() / seen:.2f}')
+        if train_batches.rank == 0:
+            bar.write(f'epoch {epoch + 1}: best val top-1 {max(val_top1):.2f}, '
+                      f'best train top-1 {100 * max(correct) / seen:.2f}')
+        if after_epoch:
+            after_epoch(history)
     return history
