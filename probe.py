@@ -248,6 +248,10 @@ def main(argv=None):
         if world > 1 and args.supervised:
             raise SystemExit('--supervised trains the encoder in one process: run it without torchrun')
         return run(args, rank == 0, world, torch.device(device))
+    except SystemExit as stop:
+        if rank > 0 and isinstance(stop.code, str):
+            raise SystemExit(1) from None  # rank 0 alone says why
+        raise
     finally:
         if world > 1:
             dist.destroy_process_group()
