@@ -323,7 +323,7 @@ def videos(tmp_path_factory):
     """Labelled lists of brightness-ramped videos: train.txt and val.txt (5 each), val7.txt (7)."""
     folder = tmp_path_factory.mktemp('videos')
     for k in range(9):
-        write_video(folder / f'{k}.mp4', brightness=30 + 90 * (k % 2) + 4 * k, ramp=2)
+        write_video(folder / f'{k}.mp4', brightness=20 + 120 * (k % 2) + 2 * k, ramp=2)
     for name, numbers in (('train', range(5)), ('val', range(4, 9)), ('val7', range(2, 9))):
         (folder / f'{name}.txt').write_text(''.join(f'{k}.mp4 {k % 2}\n' for k in numbers))
     return folder
