@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoints import save_checkpoint, save_encoder
-from data import SPEC_HELP, StepSampler, make_dataset, read_counts
+from data import StepSampler, make_dataset, read_counts
 from encoder import SIZES
 from masks import parse_masks, sample_keep
 from nextvid import RECIPE, NextVid, effective_rank, format_scores, next_frame_scores, phases, recolour, schedule
@@ -201,7 +201,7 @@ def check_data(args):
                 make_dataset(spec, frames=args.frames, resolution=args.resolution, fps=args.fps, train=True, seed=args.seed,
                              distractors=args.distractors, camera_motion=args.camera_motion)
         except (ValueError, FileNotFoundError) as error:
-            raise SystemExit(f"{flag} {spec}: {error}\n{SPEC_HELP}")
+            raise SystemExit(f"{flag} {spec}: {error}")
 
 
 def train(argv=None):
