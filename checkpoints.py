@@ -66,7 +66,12 @@ def load_encoder(path, weights='ema'):
     if not os.path.isfile(path):
         raise FileNotFoundError(f'no checkpoint or encoder file at {path}: `python train.py` writes out/ckpt.pt '
                                 f'and out/encoder.pt')
-    state = torch.load(path, map_location='cpu', weights_only=True)
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as error:  # not a torch file, truncated, or a pickle holding more than tensors
+        raise ValueError(f'{path} is neither a train.py checkpoint nor an encoder file ({type(error).__name__})') from error
+    if not isinstance(state, dict):
+        raise ValueError(f'{path} is neither a train.py checkpoint nor an encoder file')
     if state.get('format') == FORMAT:
         if weights != 'ema':
             raise ValueError(f'{path} is an encoder file: it holds the EMA encoder only, not the {weights} one')

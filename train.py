@@ -167,10 +167,10 @@ def load_run(args, given):
 
 
 def plot_losses(log_path, png_path, width=640, height=360, margin=40):
-    """A loss curve (total, flow, align against step) drawn with pillow."""
+    """A loss curve (total, flow, align against step) drawn with pillow; False if fewer than two steps were logged."""
     rows = [r for r in map(json.loads, open(log_path)) if 'loss' in r]
     if len(rows) < 2:
-        return
+        return False
     image = Image.new('RGB', (width, height), 'white')
     draw = ImageDraw.Draw(image)
     steps = [r['step'] for r in rows]
@@ -186,6 +186,7 @@ def plot_losses(log_path, png_path, width=640, height=360, margin=40):
     draw.text((margin + 4, margin + 4), f"{top:.3f}", fill='black')
     draw.text((margin + 4, height - margin - 14), "0", fill='black')
     image.save(png_path)
+    return True
 
 
 # -----------------------------------------------------------------------------
@@ -377,9 +378,9 @@ def train(argv=None):
         if end < args.steps:
             print(f"stopped at step {end} of {args.steps}; the same command without --stop_at continues it")
         else:
-            plot_losses(log_path, os.path.join(args.out_dir, 'loss.png'))
+            curve = plot_losses(log_path, os.path.join(args.out_dir, 'loss.png'))
             print(f"done: {args.steps} steps; checkpoint {args.out_dir}/ckpt.pt, encoder {args.out_dir}/encoder.pt, "
-                  f"log {log_path}, curve {args.out_dir}/loss.png")
+                  f"log {log_path}" + (f", curve {args.out_dir}/loss.png" if curve else ''))
 
 
 if __name__ == '__main__':
