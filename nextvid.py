@@ -44,7 +44,7 @@ RECIPE = {  # the smaller sizes are decided here
     #   (ema stays the paper's 0.99925: a faster 0.99 collapsed the features sooner, README)
     #   lr 1e-4         the paper's 5e-4 is for batch 3072; at batch 16 it collapses the online encoder (README)
     #   predictor_depth 1   a deeper predictor does the predicting itself and the encoder only learns colour (README)
-    #   masks 4x0.15,1x0.5  the paper's 8x0.15,2x0.7 keep only ~14 and ~6 of 64 positions here
+    #   masks 4x0.15,1x0.5  the paper's 8x0.15,2x0.7 keep only 13 and 1 of 64 positions here (masks.kept_count)
     #   tau_repeats 1   each repeat costs a decoder pass; the CPU budget goes to more clips instead
     #   predictor_lr_scale 8  at lr 1e-4 the one-block predictor's attention stayed uniform for all 400 steps
     #                   (its z was the same for every token of a slot: the decoder drew colour blobs, README);
