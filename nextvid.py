@@ -235,8 +235,11 @@ def generate(encoder, predictor, decoder, video, keep, steps, generator, samples
 
 
 def effective_rank(features):
-    """exp(entropy) of the normalised singular values of centred (n, D) features."""
+    """exp(entropy) of the normalised singular values of centred (n, D) features; 0 when they do not vary
+    (e.g. a --val list of one video: its 32 clips are one centred clip)."""
     s = torch.linalg.svdvals(features.float() - features.float().mean(0))
+    if not s.sum() > 0:
+        return 0.0
     p = s / s.sum()
     return math.exp(-(p * torch.log(p.clamp_min(1e-12))).sum().item())
 
