@@ -16,7 +16,7 @@ the reference encoder's features c'_t (L_align) and conditions the decoder (L_fl
   the projected context token at the same position one slot earlier, where the mask kept it, and
   that context token is added to the output, so z_t = c_{t-1} + a learned change. A shared query
   told apart by RoPE alone gave every token of a slot nearly the same z_t at tiny's 400 steps, and
-  the decoder had no token detail to draw (RESULTS.md, "Next-frame generation"). Slot t-1 is
+  the decoder had no token detail to draw (RESULTS.md, "Does the generator draw the next frame?"). Slot t-1 is
   context of slot t's queries anyway: the pattern stays autoregressive. The added c_{t-1} carries
   no gradient: through it L_align would pull the encoder's output at slot t-1 towards c'_t, which
   an encoder meets by dropping what moves (seed 2's online encoder read direction at 14.2 with
