@@ -17,7 +17,7 @@ target being (x1 - x_tau) / max(1 - tau, 0.05) (JiT: Li & He, "Back to Basics: L
 Generative Models Denoise", 2025). Why: a token's target (384 values at tiny, 1536 at s..g) is
 far wider than the network (192, 384); clean frames lie near a low-dimensional manifold and
 noise does not, so a narrow network can output the first and not the velocity (at tiny, v
-gives colour noise, README). The clamp keeps v_hat finite as tau -> 1.
+gives colour noise, RESULTS.md). The clamp keeps v_hat finite as tau -> 1.
 
 Sampling (`euler`): integrate the velocity from tau = 0 (noise) to tau = 1 (data); with x-prediction
 the last step lands on the clean estimate x_hat.

@@ -26,7 +26,7 @@ from vae import latent_frames, latent_patch, latent_tokens
 # The paper's recipe [Table 8, Eq. 9], the defaults of l, h and g. prediction and tau_sampling are
 # the decoder's parameterisation (decoder.py), not the paper's: x (the clean target) because a
 # token's 1536 values from a 384-wide decoder is where JiT finds velocity prediction failing, and
-# where tiny measured it failing (README); tau uniform as in the paper, JiT's logit-normal an option.
+# where tiny measured it failing (RESULTS.md); tau uniform as in the paper, JiT's logit-normal an option.
 # micro_batch_size and grad_checkpointing say how a step runs, not what it computes (a continued run may
 # change them), chosen so that every size's default fits an 80 GB GPU. Measured on one H100 (bf16, README,
 # Performance): s at micro-batch 32 without checkpointing, 27.2 GB; l at 8 without, 56.7 GB (so 16 would
@@ -41,17 +41,17 @@ PAPER = dict(steps=132000, batch_size=3072, micro_batch_size=16, grad_checkpoint
              predictor=dict(dim=384, heads=12), decoder=dict(dim=384, depth=12, heads=12))
 RECIPE = {  # the smaller sizes are decided here
     # tiny: minutes on 2 CPU cores. Adapted to a run of hundreds of steps on an 8 x 8 token grid:
-    #   (ema stays the paper's 0.99925: a faster 0.99 collapsed the features sooner, README)
-    #   lr 1e-4         the paper's 5e-4 is for batch 3072; at batch 16 it collapses the online encoder (README)
-    #   predictor_depth 1   a deeper predictor does the predicting itself and the encoder only learns colour (README)
+    #   (ema stays the paper's 0.99925: a faster 0.99 collapsed the features sooner, RESULTS.md)
+    #   lr 1e-4         the paper's 5e-4 is for batch 3072; at batch 16 it collapses the online encoder (RESULTS.md)
+    #   predictor_depth 1   a deeper predictor does the predicting itself and the encoder only learns colour (RESULTS.md)
     #   masks 4x0.15,1x0.5  the paper's 8x0.15,2x0.7 keep only 13 and 1 of 64 positions here (masks.kept_count)
     #   tau_repeats 1   each repeat costs a decoder pass; the CPU budget goes to more clips instead
     #   predictor_lr_scale 8  at lr 1e-4 the one-block predictor's attention stayed uniform for all 400 steps
-    #                   (its z was the same for every token of a slot: the decoder drew colour blobs, README);
+    #                   (its z was the same for every token of a slot: the decoder drew colour blobs, RESULTS.md);
     #                   at 8x its attention peaks (max weight 0.53 of 64 keys by step 200)
-    #   tau logit_normal    JiT's times; with uniform tau the next-frame PSNR was lower (README)
+    #   tau logit_normal    JiT's times; with uniform tau the next-frame PSNR was lower (RESULTS.md)
     #   recolour_targets off: recoloured targets (+4 shape on the probe at v-prediction) teach z_t to
-    #                   ignore the colours the decoder must draw (README); `--recolour_targets` for the probe recipe
+    #                   ignore the colours the decoder must draw (RESULTS.md); `--recolour_targets` for the probe recipe
     #   previous_slot   each query starts from its position's encoder output one slot earlier (predictor.py):
     #                   the one-block predictor alone left z_t without each token's detail (RESULTS.md)
     #                   (its copy carries no gradient: with one, seed 2's online encoder read direction at chance)
