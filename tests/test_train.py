@@ -231,7 +231,7 @@ def test_csv_and_bare_path_lists_train(tmp_path):
 
 
 def test_loss_goes_down(tmp_path):
-    train.train(SMALL + ['--steps', '30', '--lr', '1e-3', '--out_dir', str(tmp_path)])
+    train.train(SMALL + ['--steps', '30', '--out_dir', str(tmp_path)])  # tiny's lr (1e-3 is unstable at batch 4)
     curve = [loss for loss, _, _ in losses(str(tmp_path)).values()]
     assert sum(curve[-5:]) / 5 < 0.8 * sum(curve[:5]) / 5
     # every save scores next-frame generation on the fixed batch, next to the two baselines
