@@ -28,7 +28,6 @@ A single video file is no --data spec; given one, bench.py times --clips clips (
 at each of its start, middle and end, to show what a clip costs deep into a long video.
 """
 import argparse
-import functools
 import json
 import resource
 import subprocess
@@ -118,9 +117,8 @@ def bench_loader(args, recipe):
     torch.set_num_threads(1)  # as in a DataLoader worker
     frames, resolution, fps = recipe['frames'], recipe['resolution'], recipe['fps']
     short_side = None if args.full_size else round(resolution * data.CROP_SHORT_SIDE)  # as data.FileClips decodes
-    data.read_video = functools.partial(video.read_video, seek=not args.no_seek)
-    if args.full_size:
-        data.read_video = lambda *a, **k: video.read_video(*a, **{**k, 'short_side': None}, seek=not args.no_seek)
+    before = dict(seek=not args.no_seek, **({'short_side': None} if args.full_size else {}))  # the old paths, asked for
+    data.read_video = lambda *a, **k: video.read_video(*a, **{**k, **before})
     result = dict(data=args.data, size=args.size, frames=frames, resolution=resolution, fps=fps, seek=not args.no_seek,
                   decoded_short_side=short_side or 'full')
     if Path(args.data).suffix.lower() in data.VIDEO_SUFFIXES:

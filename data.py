@@ -205,7 +205,7 @@ class FileClips(Dataset):
 
     def __init__(self, items, frames, resolution, fps, train, seed, segments=None, views=None, flip=True, skip_short=False):
         self.items, self.frames, self.resolution, self.fps, self.flip = items, frames, resolution, fps, flip
-        self.skip_short = skip_short
+        self.skip_short, self.warned_short = skip_short, False
         self.video_reads = torch.zeros(2, dtype=torch.int64).share_memory_()  # video items read, those that ran past the end
         self.train, self.seed, self.segments, self.views = train, seed, segments, views
         self.num_classes = max(label for _, label in items) + 1  # 0 when unlabeled (-1)
@@ -223,9 +223,9 @@ class FileClips(Dataset):
             try:
                 return arrange(self.read(path, rng), self.frames, self.segments, self.views), label
             except ShortVideo as error:  # --skip_short: not a failure; said once per process
-                if not self.warned:
+                if not self.warned_short:
                     warnings.warn(f'skipping videos shorter than a clip, such as {path}: {error}')
-                self.warned.add(path)
+                self.warned_short = True
             except UnreadableFile as error:
                 self.failures += 1
                 if path not in self.warned:
