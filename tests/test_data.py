@@ -1,4 +1,4 @@
-"""Tests for data.py: synthetic clips, video lists, image folders, mixes and bad input (CPU, seconds)."""
+"""Tests for data.py and synthetic.py: synthetic clips, video lists, image folders, mixes and bad input (CPU, seconds)."""
 import fractions
 import re
 import sys
@@ -14,6 +14,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
+import synthetic  # noqa: E402
 import video  # noqa: E402
 
 
@@ -56,14 +57,14 @@ def green(clip):
 
 def test_synthetic_shape_range_dtype_and_labels():
     dataset = data.make_dataset('synthetic', frames=8, resolution=64, fps=4, train=True, seed=0)
-    assert dataset.num_classes == data.DIRECTIONS == 8
+    assert dataset.num_classes == synthetic.DIRECTIONS == 8
     for i in range(4):
         clip, label = dataset[i]
         assert clip.shape == (3, 8, 64, 64) and clip.dtype == torch.float32
         assert clip.min() >= -1 and clip.max() <= 1 and clip.std() > 0.1
-        assert isinstance(label, int) and 0 <= label < data.DIRECTIONS
+        assert isinstance(label, int) and 0 <= label < synthetic.DIRECTIONS
     shapes = data.make_dataset('synthetic', frames=8, resolution=64, fps=4, train=True, seed=0, label='shape')
-    assert shapes.num_classes == data.SHAPES >= 8
+    assert shapes.num_classes == synthetic.SHAPES >= 8
 
 
 def test_synthetic_is_deterministic_in_seed_and_index():
@@ -84,17 +85,17 @@ def test_label_argument_does_not_change_pixels_and_covers_all_classes():
         assert torch.equal(clip_d, clip_s)
         directions.add(direction)
         shapes.add(shape)
-    assert directions == set(range(data.DIRECTIONS)) and shapes == set(range(data.SHAPES))
+    assert directions == set(range(synthetic.DIRECTIONS)) and shapes == set(range(synthetic.SHAPES))
     with pytest.raises(ValueError, match='direction'):
         data.SyntheticClips(4, 32, seed=1, label='colour')
 
 
 def test_shapes_are_distinct_silhouettes():
-    masks = [data.shape_mask(shape, 24) for shape in range(data.SHAPES)]
+    masks = [synthetic.shape_mask(shape, 24) for shape in range(synthetic.SHAPES)]
     assert all(mask.sum() > 24 for mask in masks)
-    for a in range(data.SHAPES):
+    for a in range(synthetic.SHAPES):
         for b in range(a):
-            assert (masks[a] != masks[b]).sum() > 20, (data.SHAPE_NAMES[a], data.SHAPE_NAMES[b])
+            assert (masks[a] != masks[b]).sum() > 20, (synthetic.SHAPE_NAMES[a], synthetic.SHAPE_NAMES[b])
 
 
 def estimate_direction(clip, step):
@@ -111,7 +112,7 @@ def estimate_direction(clip, step):
 
     (y0, x0), (y1, x1) = centroid(0), centroid(step)
     dy, dx = (y1 - y0 + size / 2) % size - size / 2, (x1 - x0 + size / 2) % size - size / 2
-    return round(np.arctan2(-dy, dx) / (np.pi / 4)) % data.DIRECTIONS  # rows grow downwards
+    return round(np.arctan2(-dy, dx) / (np.pi / 4)) % synthetic.DIRECTIONS  # rows grow downwards
 
 
 def test_direction_label_matches_the_motion():
