@@ -1,8 +1,9 @@
 """
 The attentive probe's pieces (NExT-Vid Table 10, V-JEPA's protocol): the head that reads a frozen
 encoder's tokens; PixelTokens, the "no encoder" floor that probe.py --pixels puts in its place; the
-features heads train on (clips encoded on the fly, or cached), each rank holding its share; and
-ProbeGrid / train_probes, one head per (lr, weight decay) trained on the same features.
+features heads train on (clips encoded on the fly, or cached), each rank holding its share;
+ProbeGrid / train_probes, one head per (lr, weight decay) trained on the same features; and
+train_supervised, probe.py --supervised's ceiling: the encoder trained end to end with one head.
 
 Under torchrun every global batch is split over the ranks (rank r takes the videos whose number in
 the epoch is r modulo the ranks), each rank weights its mean loss by its share of the batch, and the
@@ -284,3 +285,33 @@ def train_probes(train_batches, val_batches, grid, epochs, dtype='fp32', history
         if after_epoch:
             after_epoch(history)
     return history
+
+
+def train_supervised(encoder, train_batches, val_batches, classes, heads, epochs, lr, weight_decay, layers=1, seed=0,
+                     dtype='fp32'):
+    """--supervised: `encoder` (in train mode) and one AttentiveProbe trained together by AdamW on the
+    clips of train_batches, validated after every epoch (the encoder in eval mode) on val_batches, whose
+    encode_clips must use this `encoder`. Returns train_probes' record of the probe, with encoder_lr."""
+    torch.manual_seed(seed)
+    head = AttentiveProbe(encoder.dim * layers, heads, classes).to(next(encoder.parameters()).device)
+    # The head's lr is the probe grid's, high so that its one query leaves chance early (see GRID); a ViT
+    # from scratch is usually trained by AdamW at 1e-3 or less, so the encoder takes a tenth of the
+    # head's: 1e-3 for the synthetic preset's 1e-2 (a choice, not tuned on these clips).
+    optimizer = torch.optim.AdamW([dict(params=encoder.parameters(), lr=lr / 10), dict(params=head.parameters())],
+                                  lr=lr, weight_decay=weight_decay)
+    scheduler = cosine_schedule(optimizer, epochs * len(train_batches))
+    record = dict(lr=lr, encoder_lr=lr / 10, weight_decay=weight_decay, train_top1=[], val_top1=[])
+    for epoch in range(epochs):
+        encoder.train()
+        correct, seen = 0, 0
+        bar = tqdm(train_batches.epoch(epoch), total=len(train_batches), desc=f'epoch {epoch + 1}/{epochs}',
+                   dynamic_ncols=True)
+        for clips, labels, videos in bar:
+            tokens = encode(encoder, clips, layers, len(clips), dtype, grad=True)  # (B, V, L, D)
+            correct += train_step(head, optimizer, scheduler, tokens, labels, videos, dtype)
+            seen += tokens.shape[0] * tokens.shape[1]
+        encoder.eval()
+        record['train_top1'].append(100 * correct / seen)
+        record['val_top1'] += evaluate([head], val_batches, dtype)[0]
+        bar.write(f"epoch {epoch + 1}: val top-1 {record['val_top1'][-1]:.2f}, train top-1 {record['train_top1'][-1]:.2f}")
+    return record

@@ -45,10 +45,8 @@ import os
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
-from attentive_probe import (AttentiveProbe, EncodedVideos, PixelTokens, ProbeGrid, cache, cosine_schedule, encode,
-                             evaluate, train_probes, train_step)
+from attentive_probe import EncodedVideos, PixelTokens, ProbeGrid, cache, encode, evaluate, train_probes, train_supervised
 from checkpoints import atomic_save, load_encoder
 from data import make_dataset
 from encoder import SIZES, Encoder
@@ -201,36 +199,6 @@ def make_datasets(args):
     args.train_size = args.train_size or (len(train_set) if args.train else SYNTHETIC_SIZES[0])  # as used, in the JSON
     args.val_size = args.val_size or (len(val_set) if args.val else SYNTHETIC_SIZES[1])
     return train_set, val_set
-
-
-def train_supervised(encoder, train_batches, val_batches, classes, heads, epochs, lr, weight_decay, layers=1, seed=0,
-                     dtype='fp32'):
-    """--supervised: `encoder` (in train mode) and one AttentiveProbe trained together by AdamW on the
-    clips of train_batches, validated after every epoch (the encoder in eval mode) on val_batches, whose
-    encode_clips must use this `encoder`. Returns train_probes' record of the probe, with encoder_lr."""
-    torch.manual_seed(seed)
-    head = AttentiveProbe(encoder.dim * layers, heads, classes).to(next(encoder.parameters()).device)
-    # The head's lr is the probe grid's, high so that its one query leaves chance early (see GRID); a ViT
-    # from scratch is usually trained by AdamW at 1e-3 or less, so the encoder takes a tenth of the
-    # head's: 1e-3 for the synthetic preset's 1e-2 (a choice, not tuned on these clips).
-    optimizer = torch.optim.AdamW([dict(params=encoder.parameters(), lr=lr / 10), dict(params=head.parameters())],
-                                  lr=lr, weight_decay=weight_decay)
-    scheduler = cosine_schedule(optimizer, epochs * len(train_batches))
-    record = dict(lr=lr, encoder_lr=lr / 10, weight_decay=weight_decay, train_top1=[], val_top1=[])
-    for epoch in range(epochs):
-        encoder.train()
-        correct, seen = 0, 0
-        bar = tqdm(train_batches.epoch(epoch), total=len(train_batches), desc=f'epoch {epoch + 1}/{epochs}',
-                   dynamic_ncols=True)
-        for clips, labels, videos in bar:
-            tokens = encode(encoder, clips, layers, len(clips), dtype, grad=True)  # (B, V, L, D)
-            correct += train_step(head, optimizer, scheduler, tokens, labels, videos, dtype)
-            seen += tokens.shape[0] * tokens.shape[1]
-        encoder.eval()
-        record['train_top1'].append(100 * correct / seen)
-        record['val_top1'] += evaluate([head], val_batches, dtype)[0]
-        bar.write(f"epoch {epoch + 1}: val top-1 {record['val_top1'][-1]:.2f}, train top-1 {record['train_top1'][-1]:.2f}")
-    return record
 
 
 def summary(history, mode, args):

@@ -245,8 +245,8 @@ def test_supervised_learns_what_the_frozen_encoder_cannot_see():
     train_batches = attentive_probe.EncodedVideos(train, len(train), 32, lambda clips: clips, 4, False, 0)
     val_batches = attentive_probe.EncodedVideos(val, len(val), 32, lambda clips: attentive_probe.encode(
         encoder, clips, 1, chunk=64, dtype='fp32'), 4, False, 0)
-    record = probe.train_supervised(encoder, train_batches, val_batches, classes=4, heads=4, epochs=4, lr=1e-2,
-                                    weight_decay=0.01)
+    record = attentive_probe.train_supervised(encoder, train_batches, val_batches, classes=4, heads=4, epochs=4, lr=1e-2,
+                                              weight_decay=0.01)
     assert (record['lr'], record['encoder_lr'], record['weight_decay']) == (1e-2, 1e-3, 0.01)
     assert len(record['train_top1']) == len(record['val_top1']) == 4 and not encoder.training
     assert frozen <= 40, frozen  # chance is 25
