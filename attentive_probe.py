@@ -294,7 +294,7 @@ def train_supervised(encoder, train_batches, val_batches, classes, heads, epochs
     encode_clips must use this `encoder`. Returns train_probes' record of the probe, with encoder_lr."""
     torch.manual_seed(seed)
     head = AttentiveProbe(encoder.dim * layers, heads, classes).to(next(encoder.parameters()).device)
-    # The head's lr is the probe grid's, high so that its one query leaves chance early (see GRID); a ViT
+    # The head's lr is the probe grid's, high so that its one query leaves chance early (probe.py GRID); a ViT
     # from scratch is usually trained by AdamW at 1e-3 or less, so the encoder takes a tenth of the
     # head's: 1e-3 for the synthetic preset's 1e-2 (a choice, not tuned on these clips).
     optimizer = torch.optim.AdamW([dict(params=encoder.parameters(), lr=lr / 10), dict(params=head.parameters())],
