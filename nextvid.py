@@ -41,7 +41,7 @@ PAPER = dict(steps=132000, batch_size=3072, micro_batch_size=16, grad_checkpoint
              predictor=dict(dim=384, heads=12), decoder=dict(dim=384, depth=12, heads=12))
 RECIPE = {  # the smaller sizes are decided here
     # tiny: minutes on 2 CPU cores. Adapted to a run of hundreds of steps on an 8 x 8 token grid:
-    #   (each kept by the encoder-first choice among six recipes, DESIGN.md "Tiny's adaptations")
+    #   (each kept, and the lr set, by the encoder-first choices of DESIGN.md "Tiny's adaptations")
     #   (ema stays the paper's 0.99925: a faster 0.99 collapsed the features sooner, RESULTS.md)
     #   lr 2.5e-5       the paper's 5e-4 is for batch 3072; at batch 16 it collapses the online encoder; at 1e-4
     #                   the encoder's own learning cost it motion in 400 steps (direction below random init) and
